@@ -1,0 +1,85 @@
+"""Switching the feature on, in the process that builds an engine's config.
+
+Everything goes through public engine arguments: the worker extension (which installs the
+attention backend in each worker), prefix caching off, and the start-up checks that refuse
+configurations the plugin does not support, each with a message naming the problem.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vllm.logger import init_logger
+
+from vllm_sink import geometry
+from vllm_sink.compat import check_vllm_version
+from vllm_sink.settings import SinkConfigError, SinkSettings
+
+logger = init_logger("vllm.vllm_sink")
+
+WORKER_EXTENSION = "vllm_sink.worker.SinkWorkerExtension"
+
+
+class UnsupportedConfigError(ValueError):
+    """A vLLM configuration the plugin does not support; the message names it."""
+
+
+def prepare_engine_args(engine_args: Any, settings: SinkSettings) -> None:
+    """Adjust ``EngineArgs`` before vLLM builds its config (public fields only)."""
+    check_vllm_version()
+    if engine_args.speculative_config:
+        raise UnsupportedConfigError("vllm_sink does not support speculative decoding")
+    if str(engine_args.kv_cache_dtype).startswith("fp8"):
+        raise UnsupportedConfigError(
+            "vllm_sink does not support an fp8 KV cache (kv_cache_dtype="
+            f"{engine_args.kv_cache_dtype}): sink keys are re-rotated in place"
+        )
+    ext = engine_args.worker_extension_cls
+    if ext and ext != WORKER_EXTENSION:
+        raise UnsupportedConfigError(
+            f"vllm_sink needs worker_extension_cls={WORKER_EXTENSION}, got {ext}"
+        )
+    engine_args.worker_extension_cls = WORKER_EXTENSION
+    if engine_args.enable_prefix_caching:
+        logger.info("vllm_sink: prefix caching turned off (sink pages are re-rotated in place)")
+    engine_args.enable_prefix_caching = False
+
+
+def finalize_config(vllm_config: Any, settings: SinkSettings) -> None:
+    """Refuse built configs the plugin does not support."""
+    model_config = vllm_config.model_config
+    hf = model_config.hf_text_config
+    problems = []
+    if model_config.use_mla:
+        problems.append("MLA attention")
+    if model_config.uses_mrope:
+        problems.append("M-RoPE")
+    if model_config.is_hybrid or getattr(hf, "layer_types", None) and any(
+        t != "full_attention" for t in hf.layer_types
+    ):
+        problems.append("hybrid / sliding-window layers")
+    if getattr(hf, "sliding_window", None):
+        problems.append("a model sliding window")
+    rope = getattr(hf, "rope_parameters", None) or {}
+    if "rope_theta" not in rope and getattr(hf, "rope_theta", None) is None:
+        problems.append("a model without RoPE")
+    if problems:
+        raise UnsupportedConfigError(
+            f"vllm_sink does not support {', '.join(problems)} ({model_config.model})"
+        )
+
+    block_size = vllm_config.cache_config.block_size
+    sb = geometry.sink_pages(settings.sink_tokens, block_size)
+    max_positions = hf.max_position_embeddings
+    # Largest position a one-token step can reach: sinks + window + a partial page + itself.
+    smallest = sb * block_size + settings.window_tokens + block_size + 1
+    if smallest > max_positions:
+        raise SinkConfigError(
+            f"vllm_sink.window_tokens={settings.window_tokens} is too large for this model: "
+            f"sink pages + window + one page need {smallest} positions, the model has "
+            f"max_position_embeddings={max_positions}"
+        )
+    logger.info(
+        "vllm_sink enabled: sink_tokens=%d (%d page(s) of %d), window_tokens=%d",
+        settings.sink_tokens, sb, block_size, settings.window_tokens,
+    )

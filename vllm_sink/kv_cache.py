@@ -1,0 +1,108 @@
+"""Scheduler side: a KV-cache spec and manager that keep sink pages plus a sliding window.
+
+The spec is chosen by the attention backend (``customize_spec``), travels from the workers to
+the engine core, and selects :class:`SinkWindowManager` through vLLM's spec registry. The
+manager frees every page between the sink pages and the window back to the block pool before
+each step (``remove_skipped_blocks``), exactly when the contract says, and never shares pages
+through the prefix cache: the worker re-rotates sink keys in place, so a page's content is not
+a function of its tokens alone (the plugin turns prefix caching off; the manager refuses it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from vllm.utils.math_utils import cdiv
+from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
+from vllm.v1.kv_cache_interface import FullAttentionSpec
+from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+
+from vllm_sink import geometry
+
+
+@dataclass(frozen=True, kw_only=True)
+class SinkWindowSpec(FullAttentionSpec):
+    """Full attention over ``[sink pages | window pages]``; pages in between are freed."""
+
+    sink_tokens: int
+    window_tokens: int
+    # Largest number of tokens one request may process in one step (its prefill chunk).
+    max_step_tokens: int
+
+    @property
+    def num_sink_pages(self) -> int:
+        return geometry.sink_pages(self.sink_tokens, self.block_size)
+
+    def max_pages_per_request(self) -> int:
+        """Pages one request can hold at once: the contract's bound plus one step's tokens."""
+        return (
+            self.num_sink_pages
+            + cdiv(self.window_tokens, self.block_size)
+            + 1
+            + cdiv(self.max_step_tokens, self.block_size)
+        )
+
+    def max_memory_usage_bytes(self, vllm_config) -> int:
+        full = super().max_memory_usage_bytes(vllm_config)
+        return min(full, self.max_pages_per_request() * self.page_size_bytes)
+
+    @classmethod
+    def merge(cls, specs: list[SinkWindowSpec]) -> SinkWindowSpec:
+        settings = {(s.sink_tokens, s.window_tokens, s.max_step_tokens) for s in specs}
+        if len(settings) != 1 or not all(isinstance(s, SinkWindowSpec) for s in specs):
+            raise ValueError(f"all layers of a KV cache group need one sink setting: {settings}")
+        base = FullAttentionSpec.merge(specs)  # type: ignore[arg-type]
+        common = {f.name: getattr(base, f.name) for f in fields(FullAttentionSpec)}
+        sink_tokens, window_tokens, max_step_tokens = settings.pop()
+        return cls(
+            **common,
+            sink_tokens=sink_tokens,
+            window_tokens=window_tokens,
+            max_step_tokens=max_step_tokens,
+        )
+
+
+class SinkWindowManager(FullAttentionManager):
+    """Pins the first ``sb`` pages of each request and frees the pages behind the window."""
+
+    kv_cache_spec: SinkWindowSpec
+
+    def __init__(self, kv_cache_spec: SinkWindowSpec, **kwargs) -> None:
+        if kwargs.get("enable_caching"):
+            # A sink page's keys depend on how far the window has slid: never a cache hit.
+            raise ValueError("vllm_sink requires prefix caching off (enable_prefix_caching)")
+        super().__init__(kv_cache_spec, **kwargs)
+
+    @property
+    def has_positionally_stable_blocks(self) -> bool:
+        # Sink pages are rewritten (re-rotated) in place: not positionally stable content.
+        return False
+
+    def remove_skipped_blocks(
+        self,
+        request_id: str,
+        processed_computed_tokens: int,
+        num_prompt_tokens: int | None = None,
+    ) -> None:
+        spec = self.kv_cache_spec
+        freed = geometry.evicted_pages(
+            processed_computed_tokens, spec.sink_tokens, spec.window_tokens, self.block_size
+        )
+        # Frees back to front and stops at the first null block: pages freed earlier stay
+        # null, so each step only walks the pages newly left behind by the window.
+        self._remove_blocks_in_range(request_id, freed.start, freed.stop)
+
+    def num_pages_held(self, request_id: str) -> int:
+        """Real (non-null) pages the request holds now."""
+        return sum(1 for b in self.req_to_blocks.get(request_id, []) if b != self._null_block)
+
+
+def register_spec() -> None:
+    """Add the spec to vLLM's registry (built-ins first: the registry skips them otherwise)."""
+    KVCacheSpecRegistry._ensure_registered()
+    KVCacheSpecRegistry.register(
+        SinkWindowSpec, SinkWindowManager, uniform_type_base_spec=FullAttentionSpec
+    )
+
+
+register_spec()

@@ -1,0 +1,39 @@
+"""Worker-process entry for the feature, loaded through ``parallel_config.worker_extension_cls``.
+
+vLLM imports this module in each worker before it builds the model, and only when the plugin
+enabled the feature for this engine, so the backend override below never touches an engine
+that runs without ``vllm_sink`` settings. The extension class adds read-only RPCs
+(``LLM.collective_rpc("vllm_sink_...")``) that tests and tools use to look inside the worker.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+from vllm_sink.compat import check_vllm_version
+
+check_vllm_version("vllm_sink worker")
+# The CPU platform always resolves CPU_ATTN's registry path, so the override goes there.
+register_backend(AttentionBackendEnum.CPU_ATTN, "vllm_sink.backend.SinkCPUAttentionBackend")
+
+
+class SinkWorkerExtension:
+    """Mixed into vLLM's worker class by ``worker_extension_cls``."""
+
+    def vllm_sink_worker_info(self) -> dict[str, Any]:
+        import os
+
+        import vllm_sink.plugin as plugin
+
+        runner = self.model_runner  # type: ignore[attr-defined]
+        backends = sorted(
+            {type(g.backend).__name__ if not isinstance(g.backend, type) else g.backend.__name__
+             for groups in runner.attn_groups for g in groups}
+        )
+        return {
+            "pid": os.getpid(),
+            "plugin_registered": plugin.is_registered(),
+            "attention_backends": backends,
+        }
