@@ -1,0 +1,52 @@
+"""Helpers for tests that drive the real engine."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def kv_manager(llm):
+    """The scheduler's KV-cache manager of an in-process engine core."""
+    core = llm.llm_engine.engine_core.engine_core
+    return core.scheduler.kv_cache_manager
+
+
+def free_blocks(llm) -> int:
+    return kv_manager(llm).block_pool.get_num_free_blocks()
+
+
+def prompt_logprobs(output, token_ids) -> np.ndarray:
+    """Per-token prompt log-probabilities (element 0 is nan), as the reference scores them."""
+    pl = output.prompt_logprobs
+    return np.array([np.nan] + [pl[i][token_ids[i]].logprob for i in range(1, len(token_ids))])
+
+
+def run_script(code: str, env: dict[str, str] | None = None, timeout: int = 900):
+    """Run ``code`` in a fresh interpreter (its own vLLM process tree); returns (json, log).
+
+    The script must print one line ``RESULT <json>``.
+    """
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+        cwd=REPO,
+    )
+    log = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        raise AssertionError(f"script failed ({proc.returncode}):\n{log[-6000:]}")
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert lines, f"no RESULT line:\n{log[-6000:]}"
+    return json.loads(lines[-1][len("RESULT ") :]), log

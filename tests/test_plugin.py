@@ -1,0 +1,82 @@
+"""The plugin is registered in every vLLM process and changes nothing unless enabled."""
+
+from __future__ import annotations
+
+import re
+from importlib.metadata import entry_points
+
+import pytest
+
+from engine_utils import run_script
+
+SCRIPT = """
+import json, os, sys
+from vllm import LLM, SamplingParams
+if __name__ == "__main__":
+    extra = json.loads(os.environ["TEST_ADDITIONAL_CONFIG"])
+    llm = LLM(model=os.environ["TEST_MODEL"], block_size=32, max_model_len=512, dtype="float32",
+              enforce_eager=True, seed=0, additional_config=extra)
+    prompts = ["The tragedy of Hamlet, Prince of Denmark.", "To be, or not to be:"]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=24, temperature=0, logprobs=3))
+    result = {"parent_pid": os.getpid(), "outputs": []}
+    for o in outs:
+        c = o.outputs[0]
+        result["outputs"].append({
+            "tokens": list(c.token_ids),
+            "logprobs": [{str(k): v.logprob for k, v in step.items()} for step in c.logprobs],
+        })
+    if extra:
+        result["workers"] = llm.collective_rpc("vllm_sink_worker_info")
+    print("RESULT " + json.dumps(result), flush=True)
+"""
+
+
+def _run(model_dir, additional_config: str, plugins: str | None):
+    env = {
+        "TEST_MODEL": str(model_dir),
+        "TEST_ADDITIONAL_CONFIG": additional_config,
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "1",
+    }
+    if plugins is not None:
+        env["VLLM_PLUGINS"] = plugins
+    return run_script(SCRIPT, env)
+
+
+@pytest.fixture(scope="module")
+def vanilla(model_dir):
+    return _run(model_dir, "{}", plugins="")
+
+
+def test_entry_point_is_listed():
+    names = [ep.value for ep in entry_points(group="vllm.general_plugins")]
+    assert "vllm_sink.plugin:register" in names
+
+
+def test_installed_but_off_changes_nothing(model_dir, vanilla):
+    vanilla_result, vanilla_log = vanilla
+    off_result, off_log = _run(model_dir, "{}", plugins=None)
+    # Registered in the engine core and worker processes, not only the parent.
+    for process in ("EngineCore", "VllmWorker"):
+        assert re.search(rf"\({process}[^)]*pid=\d+\).*vllm-sink plugin registered", off_log), (
+            f"plugin not registered in {process}"
+        )
+    assert "vllm-sink plugin registered" not in vanilla_log
+    for a, b in zip(vanilla_result["outputs"], off_result["outputs"], strict=True):
+        assert a["tokens"] == b["tokens"]
+        assert a["logprobs"] == b["logprobs"]  # bit-identical
+
+
+def test_enabled_matches_vanilla_before_eviction(model_dir, vanilla):
+    """Streams shorter than the window: the same greedy continuation as vanilla vLLM."""
+    vanilla_result, _ = vanilla
+    config = '{"vllm_sink": {"sink_tokens": 4, "window_tokens": 256}}'
+    result, _ = _run(model_dir, config, plugins=None)
+    (worker,) = result["workers"]
+    assert worker["pid"] != result["parent_pid"]
+    assert worker["plugin_registered"]
+    assert worker["attention_backends"] == ["SinkCPUAttentionBackend"]
+    for a, b in zip(vanilla_result["outputs"], result["outputs"], strict=True):
+        assert a["tokens"] == b["tokens"]
+        for sa, sb in zip(a["logprobs"], b["logprobs"], strict=True):
+            for tok, lp in sa.items():
+                assert sb[tok] == pytest.approx(lp, abs=1e-4)
