@@ -18,6 +18,7 @@ same way.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -101,7 +102,9 @@ class SinkRotator:
         """Rotate every key (last dim ``head_size``) by ``offset`` positions."""
         if offset == 0:
             return keys
-        cos, sin = self.cos_sin[offset].chunk(2, dim=-1)
+        cos, sin = self.cos_sin[abs(offset)].chunk(2, dim=-1)
+        if offset < 0:
+            sin = -sin
         x = keys.float()
         rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
         if self.is_neox:
@@ -115,6 +118,34 @@ class SinkRotator:
         else:
             rot = torch.stack((o1, o2), dim=-1).flatten(-2)
         return torch.cat((rot, rest), dim=-1).to(keys.dtype)
+
+
+@functools.cache
+def page_layout(
+    isa: str, dtype: torch.dtype, block_size: int, head_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the CPU kernel stores each element of a page, found by writing probes once.
+
+    Returns, for K and V, the index into a (block, head) page's raw ``bs*hs`` elements of each
+    logical element ``token*hs + dim``. Probes are small integers (exact in bf16), written as the
+    low and high parts of each element's index.
+    """
+    numel = block_size * head_size
+    idx = torch.arange(numel)
+    found = []
+    for part in (idx % 128, idx // 128):
+        cache = torch.zeros(1, 1, 2 * block_size, head_size, dtype=dtype)
+        key_cache, value_cache = cache.chunk(2, dim=2)
+        probe = part.to(dtype).view(block_size, 1, head_size)
+        ops.cpu_attn_reshape_and_cache(
+            probe, probe, key_cache, value_cache, torch.arange(block_size), isa,
+            k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto",
+        )
+        found.append(cache.view(2, numel).to(torch.long))
+    stored = found[0] + 128 * found[1]  # [2, numel]: logical index held at each raw slot
+    perms = torch.empty_like(stored)
+    perms.scatter_(1, stored, idx.expand(2, numel).contiguous())
+    return perms[0], perms[1]
 
 
 def _make_rotator(head_size: int) -> SinkRotator:
@@ -150,50 +181,27 @@ class SinkMove:
     offset: int  # tokens evicted so far: the sinks now sit at positions offset + i
 
 
+@dataclass(frozen=True)
+class WindowRebase:
+    slots: torch.Tensor  # cache slots of the window tokens cached before this step
+    shift: int  # rotate their keys by this many positions (negative: back)
+
+
 @dataclass
 class SinkCPUAttentionMetadata(CPUAttentionMetadata):
     sink_captures: list[SinkCapture] = field(default_factory=list)
     sink_moves: list[SinkMove] = field(default_factory=list)
+    window_rebases: list[WindowRebase] = field(default_factory=list)
 
 
-def compact_metadata(
-    common: CommonAttentionMetadata, settings: SinkSettings, block_size: int
-) -> tuple[CommonAttentionMetadata, torch.Tensor]:
-    """Drop evicted pages from each block-table row and evicted tokens from ``seq_lens``.
+_step_offsets: list[int] = []
+_step_rebase: list[int] = []
 
-    Returns the compacted metadata and the tokens evicted per request (before this step).
-    """
-    num_reqs = common.num_reqs
-    starts = common.query_start_loc_cpu
-    query_lens = starts[1 : num_reqs + 1] - starts[:num_reqs]
-    seq_lens = common.seq_lens[:num_reqs].cpu()
-    computed = seq_lens - query_lens  # n: tokens cached before this step
-    sb = geometry.sink_pages(settings.sink_tokens, block_size)
-    window_start = torch.clamp((computed - settings.window_tokens) // block_size, min=sb)
-    evicted = (window_start - sb) * block_size
-    if not bool((evicted > 0).any()):
-        return common, evicted
 
-    table = common.block_table_tensor
-    width = table.shape[1]
-    cols = torch.arange(width).expand(num_reqs, width)
-    shift = (evicted // block_size)[:, None]
-    src = torch.where(cols < sb, cols, torch.clamp(cols + shift, max=width - 1))
-    compact = table.clone()
-    compact[:num_reqs] = torch.gather(table[:num_reqs], 1, src.to(table.device))
-    new_seq_lens = common.seq_lens.clone()
-    new_seq_lens[:num_reqs] -= evicted.to(new_seq_lens.device, new_seq_lens.dtype)
-    kwargs = {
-        "seq_lens": new_seq_lens,
-        "block_table_tensor": compact,
-        "max_seq_len": int(new_seq_lens[:num_reqs].max()),
-        "_num_computed_tokens_cache": None,
-    }
-    if common.seq_lens_cpu_upper_bound is not None:
-        upper = common.seq_lens_cpu_upper_bound.clone()
-        upper[:num_reqs] -= evicted.to(upper.dtype)
-        kwargs["seq_lens_cpu_upper_bound"] = upper
-    return common.replace(**kwargs), evicted
+def set_step_plan(offsets: list[int], rebase: list[int]) -> None:
+    """Per batch row: position offset of the step, and an old offset to undo (rebase) or 0."""
+    global _step_offsets, _step_rebase
+    _step_offsets, _step_rebase = offsets, rebase
 
 
 class SinkCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
@@ -212,40 +220,46 @@ class SinkCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
         common_attn_metadata: CommonAttentionMetadata,
         fast_build: bool = False,
     ) -> SinkCPUAttentionMetadata:
-        common, evicted = compact_metadata(common_attn_metadata, self.settings, self.block_size)
-        base = super().build(common_prefix_len, common, fast_build)
+        base = super().build(common_prefix_len, common_attn_metadata, fast_build)
         metadata = SinkCPUAttentionMetadata(**vars(base))
-        if self.num_sink_pages:
-            self._plan_sink_moves(common, evicted, metadata)
+        if common_attn_metadata.num_reqs <= len(_step_offsets):
+            self._plan(common_attn_metadata, metadata)
+            set_step_plan([], [])  # consumed: dummy runs that follow plan nothing
         return metadata
 
-    def _plan_sink_moves(
-        self,
-        common: CommonAttentionMetadata,
-        evicted: torch.Tensor,
-        metadata: SinkCPUAttentionMetadata,
-    ) -> None:
+    def _plan(self, common: CommonAttentionMetadata, metadata: SinkCPUAttentionMetadata) -> None:
+        """Sink captures and moves, and window rebases, for this step (compact rows)."""
         table = common.block_table_tensor
         bs = self.block_size
         sink_len = self.num_sink_pages * bs
         starts = common.query_start_loc_cpu.tolist()
         seq_lens = common.seq_lens.tolist()
-        for row, offset in enumerate(evicted.tolist()):
-            key = int(table[row, 0])
+        for row in range(common.num_reqs):
+            offset, undo = _step_offsets[row], _step_rebase[row]
             q = starts[row + 1] - starts[row]
-            n = seq_lens[row] + offset - q  # seq_lens are compacted: add the evicted back
+            n = seq_lens[row] - q  # compact tokens cached before this step
+            if undo and n > sink_len:
+                slots = _slots(table[row], sink_len, n, bs)
+                metadata.window_rebases.append(WindowRebase(slots, -undo))
+            if not sink_len:
+                continue
+            key = int(table[row, 0])
             if n < sink_len:
                 count = min(q, sink_len - n)
                 metadata.sink_captures.append(SinkCapture(key, starts[row], n, count, sink_len))
-            if offset == 0:
-                self.sink_offsets.pop(key, None)
+                if n == 0:
+                    self.sink_offsets[key] = 0  # a new owner of this page
                 continue
-            if self.sink_offsets.get(key) == offset:
-                continue
-            self.sink_offsets[key] = offset
-            pages = table[row, : self.num_sink_pages].to(torch.long)
-            slots = (pages[:, None] * bs + torch.arange(bs)).flatten()
-            metadata.sink_moves.append(SinkMove(key, slots, offset))
+            if self.sink_offsets.get(key, 0) != offset:
+                self.sink_offsets[key] = offset
+                slots = _slots(table[row], 0, sink_len, bs)
+                metadata.sink_moves.append(SinkMove(key, slots, offset))
+
+
+def _slots(row: torch.Tensor, start: int, stop: int, bs: int) -> torch.Tensor:
+    """Cache slots of compact tokens ``[start, stop)`` of one block-table row."""
+    tokens = torch.arange(start, stop)
+    return row[tokens // bs].to(torch.long) * bs + tokens % bs
 
 
 class SinkCPUAttentionBackendImpl(CPUAttentionBackendImpl):
@@ -260,9 +274,26 @@ class SinkCPUAttentionBackendImpl(CPUAttentionBackendImpl):
                 self.rotator.capture(attn_metadata.sink_captures, key, value)
             for move in attn_metadata.sink_moves:
                 self._write(layer, kv_cache, move.slots, *self.rotator.moved(move))
+            for rebase in attn_metadata.window_rebases:
+                keys, values = self._read(layer, kv_cache, rebase.slots)
+                keys = self.rotator.rotate(keys, rebase.shift)
+                self._write(layer, kv_cache, rebase.slots, keys, values)
         return super().forward(
             layer, query, key, value, kv_cache, attn_metadata, output, *args, **kw
         )
+
+    def _read(self, layer, kv_cache, slots) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V ``[tokens, kv_heads, head]`` at ``slots``, undoing the kernel's page layout."""
+        num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
+        layout = page_layout(layer.isa, kv_cache.dtype, block_size, self.head_size)
+        pages = kv_cache.view(num_blocks, num_kv_heads, 2, block_size * self.head_size)
+        blocks, offsets = slots // block_size, slots % block_size
+        raw = pages[blocks]  # [tokens, kv_heads, 2, bs*hs]
+        out = []
+        for i, perm in enumerate(layout):
+            logical = raw[:, :, i, perm].view(len(slots), num_kv_heads, block_size, -1)
+            out.append(logical[torch.arange(len(slots)), :, offsets])
+        return out[0], out[1]
 
     def _write(self, layer, kv_cache, slots, keys, values) -> None:
         """Write K/V for ``slots`` with the backend's own writer (layout-agnostic)."""

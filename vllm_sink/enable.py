@@ -18,6 +18,7 @@ from vllm_sink.settings import SinkConfigError, SinkSettings
 logger = init_logger("vllm.vllm_sink")
 
 WORKER_EXTENSION = "vllm_sink.worker.SinkWorkerExtension"
+SCHEDULER = "vllm_sink.scheduler.SinkScheduler"
 
 
 class UnsupportedConfigError(ValueError):
@@ -40,6 +41,12 @@ def prepare_engine_args(engine_args: Any, settings: SinkSettings) -> None:
             f"vllm_sink needs worker_extension_cls={WORKER_EXTENSION}, got {ext}"
         )
     engine_args.worker_extension_cls = WORKER_EXTENSION
+    sched = engine_args.scheduler_cls
+    if sched and sched not in (SCHEDULER, "vllm.v1.core.sched.scheduler.Scheduler"):
+        raise UnsupportedConfigError(f"vllm_sink needs scheduler_cls={SCHEDULER}, got {sched}")
+    engine_args.scheduler_cls = SCHEDULER
+    # The worker compacts requests between steps; tokens in flight would straddle that.
+    engine_args.async_scheduling = False
     if engine_args.enable_prefix_caching:
         logger.info("vllm_sink: prefix caching turned off (sink pages are re-rotated in place)")
     engine_args.enable_prefix_caching = False
@@ -70,15 +77,32 @@ def finalize_config(vllm_config: Any, settings: SinkSettings) -> None:
 
     block_size = vllm_config.cache_config.block_size
     sb = geometry.sink_pages(settings.sink_tokens, block_size)
+    # A compacted request holds the sink pages, the window, a partial page and one step's
+    # tokens; they must fit both the worker's rows (max_model_len) and the model's positions.
+    held = sb * block_size + settings.window_tokens + block_size
     max_positions = hf.max_position_embeddings
-    # Largest position a one-token step can reach: sinks + window + a partial page + itself.
-    smallest = sb * block_size + settings.window_tokens + block_size + 1
-    if smallest > max_positions:
+    room = min(model_config.max_model_len - 1, max_positions) - held
+    if room < 1:
         raise SinkConfigError(
             f"vllm_sink.window_tokens={settings.window_tokens} is too large for this model: "
-            f"sink pages + window + one page need {smallest} positions, the model has "
-            f"max_position_embeddings={max_positions}"
+            f"sink pages + window + one page need {held + 1} positions and rows, but "
+            f"max_position_embeddings={max_positions} and max_model_len="
+            f"{model_config.max_model_len}"
         )
+    scheduler_config = vllm_config.scheduler_config
+    if scheduler_config.max_num_batched_tokens > room:
+        logger.info(
+            "vllm_sink: max_num_batched_tokens lowered from %d to %d so one step's positions "
+            "stay below the model's limit",
+            scheduler_config.max_num_batched_tokens,
+            room,
+        )
+        scheduler_config.max_num_batched_tokens = room
+        scheduler_config.max_num_seqs = min(scheduler_config.max_num_seqs, room)
+    from vllm_sink.patches import input_processor, renderer_params
+
+    input_processor.apply()
+    renderer_params.apply()
     logger.info(
         "vllm_sink enabled: sink_tokens=%d (%d page(s) of %d), window_tokens=%d",
         settings.sink_tokens, sb, block_size, settings.window_tokens,

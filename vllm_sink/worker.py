@@ -13,8 +13,10 @@ from typing import Any
 from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
 from vllm_sink.compat import check_vllm_version
+from vllm_sink.patches import model_runner
 
 check_vllm_version("vllm_sink worker")
+model_runner.apply()
 # The CPU platform always resolves CPU_ATTN's registry path, so the override goes there.
 register_backend(AttentionBackendEnum.CPU_ATTN, "vllm_sink.backend.SinkCPUAttentionBackend")
 

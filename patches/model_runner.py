@@ -1,0 +1,235 @@
+"""Patch ``GPUModelRunner._update_states`` and ``_prepare_inputs`` (V1 runner; the CPU runner
+inherits both): each request is kept compacted to ``[sink tokens | window tokens]``.
+
+The runner sizes a request's token row and block-table row by ``max_model_len`` and derives
+positions, slot mapping and ``seq_lens`` from ``num_computed_tokens``; an unbounded stream
+overflows all of them, and no public hook lets a plugin change how the runner indexes a request.
+So the scheduler stays in logical coordinates (token ``t`` of the stream) and the worker
+translates at the boundary:
+
+- ``_update_states``: before vLLM's own update, every request whose window slid drops the freed
+  tokens and pages from its cached state (prompt, outputs, block ids) and is re-added to the
+  persistent batch, which rebuilds its rows from that state; ``num_computed_tokens`` from the
+  scheduler is shifted by the tokens dropped. Prompts longer than the row are kept as
+  ``prompt[:sinks] + prompt[ws : ws + room]`` and refilled as the window slides.
+- ``_prepare_inputs``: after vLLM computed positions (compact slots) and the slot mapping, each
+  request's position offset is added, so window keys keep the position they were written with and
+  a key is re-rotated only when positions are rebased (see :mod:`vllm_sink.backend`).
+
+Model Runner V2 (CUDA) needs its own counterpart; this module guards against being applied to it.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from vllm_sink import geometry
+from vllm_sink.compat import check_vllm_version
+
+_applied = False
+
+
+@dataclass
+class StreamState:
+    """Worker-side view of one request's stream."""
+
+    prompt: list[int]  # the logical prompt (or every token, after a preemption)
+    dropped: int = 0  # tokens removed from the compact view
+    offset: int = 0  # position of compact slot s is s + offset
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Per batch row, for the attention backend: position offsets and pending rebases."""
+
+    offsets: list[int]
+    rebase: list[int]  # per row: old offset whose window keys must be rotated back (0: none)
+
+
+class StreamTracker:
+    """Per-runner bookkeeping of compacted requests."""
+
+    def __init__(self, runner) -> None:
+        from vllm_sink.backend import current_layout
+
+        layout = current_layout()
+        self.settings = layout.settings
+        self.block_size = runner.cache_config.block_size
+        self.sink_len = geometry.sink_pages(self.settings.sink_tokens, self.block_size) * (
+            self.block_size
+        )
+        self.row_len = runner.max_model_len
+        hf = runner.model_config.hf_text_config
+        # Largest position a step may use: rebase before crossing it.
+        self.max_position = hf.max_position_embeddings - 1
+        self.max_step = layout.max_step_tokens
+        self.streams: dict[str, StreamState] = {}
+        self.plan: StepPlan | None = None
+
+    def evicted(self, n: int) -> int:
+        s = self.settings
+        return geometry.evicted_tokens(n, s.sink_tokens, s.window_tokens, self.block_size)
+
+    def compact_prompt(self, state: StreamState) -> list[int]:
+        """``prompt[:sinks] + prompt[ws : ws + room]`` (whole prompt while it fits)."""
+        prompt, ws = state.prompt, self.sink_len + state.dropped
+        head = prompt[: self.sink_len] if state.dropped else []
+        start = ws if state.dropped else 0
+        room = self.row_len - len(head)
+        return head + prompt[start : start + room]
+
+
+def _drop(tracker: StreamTracker, runner, req_id: str, state: StreamState, evicted: int) -> None:
+    """Drop tokens ``[sinks + state.dropped, sinks + evicted)`` from the request's cached state."""
+    req_state = runner.requests[req_id]
+    d = evicted - state.dropped
+    sink_len = tracker.sink_len
+    prompt_len = len(state.prompt)
+
+    def dropped_outputs(e: int) -> int:
+        # Output tokens (logical index >= prompt_len) inside the freed range [sinks, sinks + e).
+        return max(0, sink_len + e - max(prompt_len, sink_len))
+
+    newly = dropped_outputs(evicted) - dropped_outputs(state.dropped)
+    if newly:
+        s0 = max(0, sink_len - prompt_len)
+        del req_state.output_token_ids[s0 : s0 + newly]
+    state.dropped = evicted
+    state.offset += d
+    req_state.prompt_token_ids = tracker.compact_prompt(state)
+    req_state.num_prompt_tokens = len(req_state.prompt_token_ids)
+    pages = d // tracker.block_size
+    first = sink_len // tracker.block_size
+    for block_ids in req_state.block_ids:
+        del block_ids[first : first + pages]
+    if runner.input_batch.req_id_to_index.get(req_id) is not None:
+        # Re-added by vLLM's own update from the compacted state.
+        runner.input_batch.remove_request(req_id)
+
+
+def _before_update(tracker: StreamTracker, runner, scheduler_output) -> None:
+    for req_id in scheduler_output.finished_req_ids:
+        tracker.streams.pop(req_id, None)
+    for new in scheduler_output.scheduled_new_reqs:
+        state = StreamState(prompt=list(new.prompt_token_ids or []))
+        tracker.streams[new.req_id] = state
+        new.prompt_token_ids = tracker.compact_prompt(state)
+    cached = scheduler_output.scheduled_cached_reqs
+    for i, req_id in enumerate(cached.req_ids):
+        n = cached.num_computed_tokens[i]
+        if req_id in cached.resumed_req_ids:
+            # Preempted and recomputed from scratch: a fresh stream over every token so far.
+            tokens = cached.all_token_ids.get(req_id)
+            req_state = runner.requests[req_id]
+            if tokens is None:
+                tokens = list(req_state.prompt_token_ids or []) + list(req_state.output_token_ids)
+            state = StreamState(prompt=list(tokens))
+            tracker.streams[req_id] = state
+            req_state.prompt_token_ids = tracker.compact_prompt(state)
+            req_state.num_prompt_tokens = len(req_state.prompt_token_ids)
+            req_state.output_token_ids = []
+            cached.all_token_ids.pop(req_id, None)
+        state = tracker.streams[req_id]
+        evicted = tracker.evicted(n)
+        if evicted > state.dropped:
+            _drop(tracker, runner, req_id, state, evicted)
+        cached.num_computed_tokens[i] = n - state.dropped
+
+
+def _plan_step(tracker: StreamTracker, runner, num_scheduled_tokens) -> StepPlan:
+    batch = runner.input_batch
+    offsets, rebase = [], []
+    for row, req_id in enumerate(batch.req_ids[: batch.num_reqs]):
+        state = tracker.streams[req_id]
+        end = int(batch.num_computed_tokens_cpu[row]) + int(num_scheduled_tokens[row])
+        old = state.offset
+        if old and end + old > tracker.max_position:
+            # Rebase: the oldest window token moves right after the sinks (offset 0); the
+            # backend rotates the window keys back by the old offset once.
+            state.offset = 0
+            rebase.append(old)
+        else:
+            rebase.append(0)
+        offsets.append(state.offset)
+    return StepPlan(offsets, rebase)
+
+
+def apply() -> None:
+    """Install both wrappers (idempotent). Only called in workers of sink-enabled engines."""
+    global _applied
+    if _applied:
+        return
+    check_vllm_version("vllm_sink.patches.model_runner")
+    import numpy as np
+    import torch
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from vllm_sink.backend import set_step_plan
+
+    original_update = GPUModelRunner._update_states
+    original_prepare = GPUModelRunner._prepare_inputs
+
+    def tracker_of(runner) -> StreamTracker:
+        tracker = getattr(runner, "_vllm_sink_tracker", None)
+        if tracker is None:
+            if getattr(runner, "use_async_scheduling", False):
+                raise RuntimeError("vllm_sink requires async scheduling off")
+            tracker = StreamTracker(runner)
+            runner._vllm_sink_tracker = tracker
+        return tracker
+
+    @functools.wraps(original_update)
+    def _update_states(self, scheduler_output):
+        _before_update(tracker_of(self), self, scheduler_output)
+        return original_update(self, scheduler_output)
+
+    @functools.wraps(original_prepare)
+    def _prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwargs):
+        tracker = tracker_of(self)
+        plan = _plan_step(tracker, self, num_scheduled_tokens)
+        tracker.plan = plan
+        set_step_plan(plan.offsets, plan.rebase)
+        result = original_prepare(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
+        if any(plan.offsets):
+            # Slot mapping is already computed from the compact positions; the model reads
+            # these buffers afterwards.
+            per_token = np.repeat(np.asarray(plan.offsets, dtype=np.int64), num_scheduled_tokens)
+            total = len(per_token)
+            self.positions[:total] += torch.from_numpy(per_token).to(self.positions.device)
+        return result
+
+    original_prompt_logprobs = GPUModelRunner._get_prompt_logprobs_dict
+
+    @functools.wraps(original_prompt_logprobs)
+    def _get_prompt_logprobs_dict(self, hidden_states, num_scheduled_tokens):
+        # Prompt log-probabilities are indexed by prompt position: show vLLM the logical prompt
+        # and position for the duration of the call.
+        tracker = tracker_of(self)
+        swapped = []
+        for req_id in self.num_prompt_logprobs:
+            state = tracker.streams.get(req_id)
+            req_state = self.requests.get(req_id)
+            if state is None or req_state is None or not state.dropped and (
+                len(state.prompt) == len(req_state.prompt_token_ids or [])
+            ):
+                continue
+            swapped.append((req_state, req_state.prompt_token_ids, req_state.num_computed_tokens))
+            req_state.prompt_token_ids = state.prompt
+            req_state.num_computed_tokens += state.dropped
+        try:
+            return original_prompt_logprobs(self, hidden_states, num_scheduled_tokens)
+        finally:
+            for req_state, prompt, computed in swapped:
+                req_state.prompt_token_ids = prompt
+                req_state.num_computed_tokens = computed
+
+    GPUModelRunner._update_states = _update_states
+    GPUModelRunner._prepare_inputs = _prepare_inputs
+    GPUModelRunner._get_prompt_logprobs_dict = _get_prompt_logprobs_dict
+    _applied = True
+
+
+def current_plan(runner) -> StepPlan | None:
+    tracker = getattr(runner, "_vllm_sink_tracker", None)
+    return tracker.plan if tracker else None

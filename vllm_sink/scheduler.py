@@ -1,0 +1,23 @@
+"""Engine-core side: a scheduler that lets sink-evicting streams run past ``max_model_len``.
+
+Selected through the public ``scheduler_cls`` engine argument, so it only exists in engines that
+enable the feature. vLLM's scheduler stops or clips a request at ``max_model_len`` in several
+places (the per-step token bound, ``check_stop``'s length cap, the KV manager's clipping); with
+sink eviction a request never holds more than its bounded page count, so the scheduler-side
+length limit is lifted. Workers keep their ``max_model_len``-sized buffers: they see each request
+compacted to ``[sink pages | window pages]`` (``vllm_sink.patches.model_runner``).
+"""
+
+from __future__ import annotations
+
+from vllm.v1.core.sched.scheduler import Scheduler
+
+# Effectively unbounded, and still a plain int for the arithmetic vLLM does with it.
+UNBOUNDED_LEN = 1 << 62
+
+
+class SinkScheduler(Scheduler):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_model_len = UNBOUNDED_LEN
+        self.kv_cache_manager.max_model_len = UNBOUNDED_LEN
