@@ -2,7 +2,8 @@
 
 Both the scheduler's KV manager and the worker's attention backend derive everything from the
 number of tokens already computed (``n``), so they agree on which pages are alive without any
-extra channel between the processes.
+extra channel between the processes. The reference (:mod:`vllm_sink.reference`) implements the
+same rules on its own, on purpose: it is the oracle the engine is tested against.
 """
 
 from __future__ import annotations
