@@ -120,6 +120,15 @@ def is_complete(folder: Path, *, deep: bool = False) -> bool:
     return True
 
 
+def verify(folder: Path) -> bool:
+    """Re-hash an asset; a mismatch drops its manifest so the next prepare rebuilds it."""
+    if is_complete(folder, deep=True):
+        return True
+    _log(f"{folder} failed verification: it will be rebuilt")
+    (folder / MANIFEST).unlink(missing_ok=True)
+    return False
+
+
 def _log(msg: str) -> None:
     print(f"[vllm-sink assets] {msg}", file=sys.stderr, flush=True)
 
@@ -258,7 +267,8 @@ def make_tiny_llama(
         num_attention_heads=num_heads,
         num_key_value_heads=num_kv_heads,
         max_position_embeddings=max_position_embeddings,
-        rope_theta=base.get("rope_theta", 10000.0),
+        rope_parameters=base.get("rope_parameters")
+        or {"rope_type": "default", "rope_theta": base.get("rope_theta", 10000.0)},
         tie_word_embeddings=True,
         bos_token_id=base.get("bos_token_id"),
         eos_token_id=base.get("eos_token_id"),
@@ -284,9 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.verify:
         for folder in (default_model_dir(), corpus_dir()):
-            if not is_complete(folder, deep=True):
-                _log(f"{folder} failed verification: removing its manifest to force a rebuild")
-                (folder / MANIFEST).unlink(missing_ok=True)
+            verify(folder)
     prepare_all()
     return 0
 
