@@ -4,8 +4,9 @@ vLLM calls :func:`register` once in every process it starts (API server, engine 
 Ray actors). With the feature off the plugin changes nothing: it installs a pass-through around
 ``EngineArgs.create_engine_config`` that looks for the ``vllm_sink`` key in
 ``additional_config``, and the ``--sink-tokens``/``--window-tokens`` CLI flags (the way a server
-user turns the feature on; without them, arguments parse exactly as before). Only when that key is present are settings validated, the vLLM version
-checked and the feature's components switched on (see :mod:`vllm_sink.enable`).
+user turns the feature on; without them, arguments parse exactly as before). Only when that
+key is present are settings validated, the vLLM version checked and the feature's components
+switched on (see :mod:`vllm_sink.enable`).
 """
 
 from __future__ import annotations
