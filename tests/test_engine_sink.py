@@ -109,6 +109,21 @@ def test_pages_held_stay_bounded_every_step(llm, text_tokens):
     assert free_blocks(llm) == start_free
 
 
+def test_long_text_prompt_is_not_truncated(llm, model_dir):
+    """A text prompt longer than max_model_len reaches the engine whole."""
+    from transformers import AutoTokenizer
+    from vllm import SamplingParams
+
+    from vllm_sink.assets import long_text
+
+    text = long_text(8000)[:8000]
+    expected = len(AutoTokenizer.from_pretrained(model_dir)(text)["input_ids"])
+    assert expected > 2 * MAX_LEN
+    (out,) = llm.generate(text, SamplingParams(max_tokens=2))
+    assert len(out.prompt_token_ids) == expected
+    assert len(out.outputs[0].token_ids) == 2
+
+
 def test_unsupported_configs_fail_at_startup(model_dir):
     from vllm_sink.enable import UnsupportedConfigError
 
