@@ -50,15 +50,25 @@ class SinkLayout:
 _layout: SinkLayout | None = None
 
 
-def current_layout() -> SinkLayout:
-    """The settings of the engine this worker serves (set while the model is built)."""
+def capture_layout() -> SinkLayout:
+    """Read the settings of the engine whose model is being built (its config is current).
+
+    Called for every model built, so a process that builds several engines one after the
+    other (an in-process engine core) never serves one with another's settings.
+    """
     global _layout
+    config = get_current_vllm_config()
+    settings = settings_from_additional_config(config.additional_config)
+    if settings is None:
+        raise RuntimeError("vllm_sink backend used without vllm_sink settings")
+    _layout = SinkLayout(settings, config.scheduler_config.max_num_batched_tokens)
+    return _layout
+
+
+def current_layout() -> SinkLayout:
+    """The settings of the engine this worker serves (captured when its model was built)."""
     if _layout is None:
-        config = get_current_vllm_config()
-        settings = settings_from_additional_config(config.additional_config)
-        if settings is None:
-            raise RuntimeError("vllm_sink backend used without vllm_sink settings")
-        _layout = SinkLayout(settings, config.scheduler_config.max_num_batched_tokens)
+        return capture_layout()
     return _layout
 
 
@@ -265,7 +275,7 @@ def _slots(row: torch.Tensor, start: int, stop: int, bs: int) -> torch.Tensor:
 class SinkCPUAttentionBackendImpl(CPUAttentionBackendImpl):
     def __init__(self, num_heads: int, head_size: int, *args, **kwargs) -> None:
         super().__init__(num_heads, head_size, *args, **kwargs)
-        current_layout()  # capture the settings while the model is being built
+        capture_layout()  # the settings of the engine whose model is being built
         self.rotator = _make_rotator(head_size)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kw):
