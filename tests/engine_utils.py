@@ -20,6 +20,14 @@ def kv_manager(llm):
     return core.scheduler.kv_cache_manager
 
 
+def pages_held(llm, external_id: str) -> int:
+    """KV pages the request holds now (vLLM suffixes request ids internally)."""
+    manager = kv_manager(llm).coordinator.single_type_managers[0]
+    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+    ids = [rid for rid in scheduler.requests if rid.rsplit("-", 1)[0] == external_id]
+    return sum(manager.num_pages_held(rid) for rid in ids)
+
+
 def free_blocks(llm) -> int:
     return kv_manager(llm).block_pool.get_num_free_blocks()
 

@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         },
     )
     engine = llm.llm_engine
-    manager = engine.engine_core.engine_core.scheduler.kv_cache_manager
-    pages = manager.coordinator.single_type_managers[0]
+    scheduler = engine.engine_core.engine_core.scheduler
+    pages = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
     bound = math.ceil(args.sinks / block_size) + math.ceil(args.window / block_size) + 1
     params = SamplingParams(
         max_tokens=args.tokens,
@@ -72,7 +72,12 @@ def main(argv: list[str] | None = None) -> int:
             finished = out.finished
         if generated >= next_report or finished:
             next_report += args.report_every
-            held = pages.num_pages_held("demo")
+            # vLLM suffixes request ids internally ("demo-1a2b3c4d").
+            held = sum(
+                pages.num_pages_held(rid)
+                for rid in scheduler.requests
+                if rid.rsplit("-", 1)[0] == "demo"
+            )
             vanilla = math.ceil(generated / block_size)
             past = " (past max_model_len)" if generated > args.max_model_len else ""
             print(
