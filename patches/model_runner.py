@@ -65,7 +65,6 @@ class StreamTracker:
         self.max_position = hf.max_position_embeddings - 1
         self.max_step = layout.max_step_tokens
         self.streams: dict[str, StreamState] = {}
-        self.plan: StepPlan | None = None
 
     def evicted(self, n: int) -> int:
         s = self.settings
@@ -188,7 +187,6 @@ def apply() -> None:
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwargs):
         tracker = tracker_of(self)
         plan = _plan_step(tracker, self, num_scheduled_tokens)
-        tracker.plan = plan
         set_step_plan(plan.offsets, plan.rebase)
         result = original_prepare(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
         if any(plan.offsets):
@@ -210,8 +208,11 @@ def apply() -> None:
         for req_id in self.num_prompt_logprobs:
             state = tracker.streams.get(req_id)
             req_state = self.requests.get(req_id)
-            if state is None or req_state is None or not state.dropped and (
-                len(state.prompt) == len(req_state.prompt_token_ids or [])
+            if (
+                state is None
+                or req_state is None
+                or not state.dropped
+                and (len(state.prompt) == len(req_state.prompt_token_ids or []))
             ):
                 continue
             swapped.append((req_state, req_state.prompt_token_ids, req_state.num_computed_tokens))
@@ -228,8 +229,3 @@ def apply() -> None:
     GPUModelRunner._prepare_inputs = _prepare_inputs
     GPUModelRunner._get_prompt_logprobs_dict = _get_prompt_logprobs_dict
     _applied = True
-
-
-def current_plan(runner) -> StepPlan | None:
-    tracker = getattr(runner, "_vllm_sink_tracker", None)
-    return tracker.plan if tracker else None

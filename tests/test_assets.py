@@ -54,6 +54,7 @@ def test_tiny_llama(tmp_path, model_dir):
     config = AutoConfig.from_pretrained(out)
     assert config.num_hidden_layers == 2 and config.hidden_size == 128
     assert config.rope_parameters["rope_theta"] == 100000.0
-    assert AutoTokenizer.from_pretrained(out).vocab_size == AutoTokenizer.from_pretrained(
-        model_dir
-    ).vocab_size
+    assert (
+        AutoTokenizer.from_pretrained(out).vocab_size
+        == AutoTokenizer.from_pretrained(model_dir).vocab_size
+    )

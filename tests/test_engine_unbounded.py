@@ -111,7 +111,9 @@ def test_bf16_parity_within_vanilla_bf16_noise(llm, model_dir, text_tokens):
     )
     vanilla_diff = np.abs(np.array(vanilla) - dense_ref[1:])
     early, late = ours_diff[: len(ours_diff) // 4].mean(), ours_diff[-len(ours_diff) // 4 :].mean()
-    print(f"bf16: ours {ours_diff.mean():.4f} (early {early:.4f}, late {late:.4f}), "
-          f"vanilla {vanilla_diff.mean():.4f}")
+    print(
+        f"bf16: ours {ours_diff.mean():.4f} (early {early:.4f}, late {late:.4f}), "
+        f"vanilla {vanilla_diff.mean():.4f}"
+    )
     assert ours_diff.mean() <= 1.5 * vanilla_diff.mean()
     assert late <= 1.5 * early, "bf16 deviation grows with stream length (drift)"

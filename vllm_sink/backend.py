@@ -148,8 +148,15 @@ def page_layout(
         key_cache, value_cache = cache.chunk(2, dim=2)
         probe = part.to(dtype).view(block_size, 1, head_size)
         ops.cpu_attn_reshape_and_cache(
-            probe, probe, key_cache, value_cache, torch.arange(block_size), isa,
-            k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto",
+            probe,
+            probe,
+            key_cache,
+            value_cache,
+            torch.arange(block_size),
+            isa,
+            k_scale=1.0,
+            v_scale=1.0,
+            kv_cache_dtype="auto",
         )
         found.append(cache.view(2, numel).to(torch.long))
     stored = found[0] + 128 * found[1]  # [2, numel]: logical index held at each raw slot
@@ -308,9 +315,9 @@ class SinkCPUAttentionBackendImpl(CPUAttentionBackendImpl):
     def _write(self, layer, kv_cache, slots, keys, values) -> None:
         """Write K/V for ``slots`` with the backend's own writer (layout-agnostic)."""
         num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
-        key_cache, value_cache = kv_cache.view(
-            num_blocks, num_kv_heads, 2 * block_size, -1
-        ).chunk(2, dim=2)
+        key_cache, value_cache = kv_cache.view(num_blocks, num_kv_heads, 2 * block_size, -1).chunk(
+            2, dim=2
+        )
         ops.cpu_attn_reshape_and_cache(
             keys,
             values,

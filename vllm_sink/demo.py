@@ -46,9 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         max_model_len=args.max_model_len,
         max_num_batched_tokens=256,
         seed=0,
-        additional_config={
-            "vllm_sink": {"sink_tokens": args.sinks, "window_tokens": args.window}
-        },
+        additional_config={"vllm_sink": {"sink_tokens": args.sinks, "window_tokens": args.window}},
     )
     engine = llm.llm_engine
     scheduler = engine.engine_core.engine_core.scheduler

@@ -31,8 +31,11 @@ class SinkWorkerExtension:
 
         runner = self.model_runner  # type: ignore[attr-defined]
         backends = sorted(
-            {type(g.backend).__name__ if not isinstance(g.backend, type) else g.backend.__name__
-             for groups in runner.attn_groups for g in groups}
+            {
+                type(g.backend).__name__ if not isinstance(g.backend, type) else g.backend.__name__
+                for groups in runner.attn_groups
+                for g in groups
+            }
         )
         return {
             "pid": os.getpid(),
