@@ -25,7 +25,11 @@ def pages_held(llm, external_id: str) -> int:
     manager = kv_manager(llm).coordinator.single_type_managers[0]
     scheduler = llm.llm_engine.engine_core.engine_core.scheduler
     ids = [rid for rid in scheduler.requests if rid.rsplit("-", 1)[0] == external_id]
-    return sum(manager.num_pages_held(rid) for rid in ids)
+    held = sum(manager.num_pages_held(rid) for rid in ids)
+    # The manager counts in O(1); check it against the block lists themselves.
+    null = manager._null_block
+    assert held == sum(b != null for rid in ids for b in manager.req_to_blocks.get(rid, []))
+    return held
 
 
 def free_blocks(llm) -> int:

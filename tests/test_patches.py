@@ -9,13 +9,14 @@ import pytest
 from engine_utils import run_script
 from vllm_sink.compat import UnsupportedVllmError
 
-PATCHES = ["input_processor", "renderer_params", "model_runner"]
+PATCHES = ["input_processor", "renderer_params", "model_runner", "stat_loggers"]
 
 CHECK = """
 import json, os
 from vllm.engine.arg_utils import EngineArgs
 from vllm.plugins import load_general_plugins
 from vllm.renderers.params import TokenizeParams
+from vllm.v1.engine import async_llm
 from vllm.v1.engine.input_processor import InputProcessor
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
@@ -24,6 +25,7 @@ def patched():
         "input_processor": hasattr(InputProcessor._validate_prompt_len, "__wrapped__"),
         "renderer_params": hasattr(TokenizeParams._token_len_check, "__wrapped__"),
         "model_runner": hasattr(GPUModelRunner._update_states, "__wrapped__"),
+        "stat_loggers": hasattr(async_llm.load_stat_logger_plugin_factories, "__wrapped__"),
     }
 
 if __name__ == "__main__":
@@ -50,7 +52,7 @@ def test_patches_applied_only_when_enabled(model_dir):
     assert result["off_extension"] in (None, "")
     # The frontend's patches come with the first sink-enabled config; the worker's with the
     # worker extension, imported only in workers of sink-enabled engines.
-    assert result["on"] == {"input_processor": True, "renderer_params": True, "model_runner": False}
+    assert result["on"] == {**dict.fromkeys(PATCHES, True), "model_runner": False}
     assert result["on_extension"] == "vllm_sink.worker.SinkWorkerExtension"
     assert result["on_scheduler"].endswith("SinkScheduler")
     assert result["on_prefix_caching"] is False

@@ -5,9 +5,12 @@ One real ``vllm serve`` process (module fixture) with ``max_model_len`` 512; req
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import importlib.metadata
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -93,7 +96,7 @@ def server(model_dir, cli_env, tmp_path_factory):
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 600  # ~1 minute on an idle machine
         while True:
             if proc.poll() is not None:
                 pytest.fail(
@@ -105,7 +108,7 @@ def server(model_dir, cli_env, tmp_path_factory):
             except requests.RequestException:
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(f"vllm serve not healthy in 300 s:\n{log_path.read_text()[-6000:]}")
+                pytest.fail(f"vllm serve not healthy in 600 s:\n{log_path.read_text()[-6000:]}")
             time.sleep(1)
         yield url
     finally:
@@ -136,12 +139,36 @@ def long_prompt(tokenizer) -> str:
     return tokenizer.decode(ids)
 
 
+def _metrics(url: str) -> dict[str, float]:
+    """``/metrics`` as series name -> value (one model, one engine: labels dropped)."""
+    out = {}
+    for line in requests.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line and not line.startswith("#"):
+            series, value = line.rsplit(" ", 1)
+            out[series.split("{", 1)[0]] = float(value)
+    return out
+
+
 def _running(url: str) -> float:
     """``vllm:num_requests_running`` from /metrics."""
-    for line in requests.get(f"{url}/metrics", timeout=10).text.splitlines():
-        if line.startswith("vllm:num_requests_running{"):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError("vllm:num_requests_running not in /metrics")
+    return _metrics(url)["vllm:num_requests_running"]
+
+
+def _num_blocks(url: str) -> int:
+    """The KV block pool's size, from vLLM's ``cache_config_info`` series."""
+    text = requests.get(f"{url}/metrics", timeout=10).text
+    return int(re.search(r'vllm:cache_config_info\{[^}]*num_gpu_blocks="(\d+)"', text).group(1))
+
+
+def _wait_idle(url: str, timeout: float = 120) -> dict[str, float]:
+    """Wait until no request runs or waits; returns the metrics then."""
+    deadline = time.monotonic() + timeout
+    while True:
+        m = _metrics(url)
+        if m["vllm:num_requests_running"] == 0 and m["vllm:num_requests_waiting"] == 0:
+            return m
+        assert time.monotonic() < deadline, f"requests still in the engine: {m}"
+        time.sleep(0.5)
 
 
 BAD_FLAGS = [
@@ -331,19 +358,33 @@ def _chat_prompt_len(tokenizer, messages: list[dict[str, str]]) -> int:
 
 
 LONG_STREAM = 1600  # > 3 x max_model_len from one request
+MID_STREAM = 1000  # ~2 x max_model_len
 PAST = MAX_MODEL_LEN + 32  # past max_model_len
+WINDOW, SINK_PAGES, BLOCK, CHUNK = 256, 1, 32, 64
+# The contract's bound on the pages one request holds: sinks, window, a partial page, one step.
+PAGE_BOUND = SINK_PAGES + WINDOW // BLOCK + 1 + CHUNK // BLOCK
+STREAMS = {  # name -> (prompt, max_tokens): eight parallel streams, every one past max_model_len
+    "long": ("Once upon a time", LONG_STREAM),
+    **{f"mid{i}": (f"Chapter {i}. The voyage", MID_STREAM) for i in (1, 2, 3)},
+    **{f"short{i}": (f"Story number {i}:", PAST) for i in (1, 2, 3)},
+}
+SAMPLED = ("vllm:num_requests_running", "vllm:kv_cache_usage_perc", "vllm_sink:kv_pages_held",
+           "vllm_sink:kv_pages_per_request_max", "vllm_sink:num_requests_running",
+           "vllm_sink:pages_freed_total", "vllm_sink:tokens_evicted_total")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def long_requests(client, server, long_prompt):
     """The long requests, run concurrently (one CPU decode batch instead of one after another).
 
-    Four streams (three completions, one chat over a history longer than max_model_len) and one
+    Eight streams (seven completions, one chat over a history longer than max_model_len) and one
     non-streaming completion of a prompt longer than max_model_len; every one asks for more than
-    max_model_len tokens. Returns name -> (text, usage, finish_reason) or the exception raised.
+    max_model_len tokens. ``/metrics`` is sampled every half second meanwhile. Returns
+    name -> (text, usage, finish_reason) or the exception raised, plus "samples".
     """
     extra = {"ignore_eos": True}
     stream_opts = {"stream": True, "stream_options": {"include_usage": True}}
+    before = _metrics(server)
 
     def completion_stream(prompt: str, n: int):
         text, usage, finish = [], None, None
@@ -374,14 +415,10 @@ def long_requests(client, server, long_prompt):
         )
         return out.choices[0].text, out.usage, out.choices[0].finish_reason
 
-    jobs = {
-        "long": lambda: completion_stream("Once upon a time", LONG_STREAM),
-        "stream1": lambda: completion_stream("Story number 1:", PAST),
-        "stream2": lambda: completion_stream("Story number 2:", PAST),
-        "chat": chat_stream,
-        "non_streaming": non_streaming,
-    }
+    jobs = {name: functools.partial(completion_stream, *job) for name, job in STREAMS.items()}
+    jobs |= {"chat": chat_stream, "non_streaming": non_streaming}
     results: dict = {}
+    samples: list[dict[str, float]] = []
 
     def run(name: str) -> None:
         try:
@@ -392,9 +429,15 @@ def long_requests(client, server, long_prompt):
     threads = [threading.Thread(target=run, args=(name,)) for name in jobs]
     for t in threads:
         t.start()
+    while any(t.is_alive() for t in threads):
+        m = _metrics(server)
+        samples.append({k: m[k] for k in SAMPLED})
+        time.sleep(0.5)
     for t in threads:
         t.join(timeout=900)
-    results["running_after"] = _running(server)
+    results["samples"] = samples
+    results["before"] = before
+    results["after"] = _wait_idle(server)
     return results
 
 
@@ -414,12 +457,69 @@ def test_stream_past_three_max_model_len(long_requests, tokenizer):
     assert len(set(text[-400:].split())) > 5
 
 
-def test_parallel_streams(long_requests):
-    for name in ("long", "stream1", "stream2", "chat"):
+def test_parallel_streams(long_requests, tokenizer):
+    names = [*STREAMS, "chat"]
+    assert len(names) == 8
+    for name in STREAMS:
         text, usage, finish = _result(long_requests, name)
         assert finish == "length" and text, name
-        assert usage.completion_tokens > MAX_MODEL_LEN, name
-    assert long_requests["running_after"] == 0
+        assert usage.completion_tokens == STREAMS[name][1] > MAX_MODEL_LEN, name
+    # They really ran side by side.
+    assert max(s["vllm:num_requests_running"] for s in long_requests["samples"]) >= 8
+    assert long_requests["after"]["vllm:num_requests_running"] == 0
+
+
+def test_sink_metrics_move(long_requests, tokenizer):
+    """``vllm_sink:*`` on /metrics: pages freed and tokens evicted count up, pages held bounded."""
+    from vllm_sink import geometry
+
+    samples, before, after = (long_requests[k] for k in ("samples", "before", "after"))
+    freed = after["vllm_sink:pages_freed_total"] - before["vllm_sink:pages_freed_total"]
+    evicted = after["vllm_sink:tokens_evicted_total"] - before["vllm_sink:tokens_evicted_total"]
+    # What the contract frees for each stream: every page left behind by its last step, which
+    # starts at prompt + generated - 2 tokens (the last token is sampled, never fed back).
+    expected = 0
+    for name in [*STREAMS, "chat", "non_streaming"]:
+        usage = _result(long_requests, name)[1]
+        n = usage.prompt_tokens + usage.completion_tokens - 2
+        expected += len(geometry.evicted_pages(n, 4, WINDOW, BLOCK))
+    assert expected > 150
+    assert abs(freed - expected) <= 9, (freed, expected)  # at most one page per request
+    assert evicted == freed * BLOCK
+    # The counters moved while the streams ran, not only at the end.
+    freed_seen = [s["vllm_sink:pages_freed_total"] for s in samples]
+    assert len(set(freed_seen)) > 10 and freed_seen == sorted(freed_seen)
+    held = [s["vllm_sink:kv_pages_held"] for s in samples]
+    assert max(held) > 0
+    assert max(s["vllm_sink:kv_pages_per_request_max"] for s in samples) <= PAGE_BOUND
+    assert max(s["vllm_sink:num_requests_running"] for s in samples) >= 8
+    assert after["vllm_sink:kv_pages_held"] == after["vllm_sink:num_requests_running"] == 0
+
+
+def test_kv_cache_usage_flat(long_requests, server):
+    """vLLM's own ``kv_cache_usage`` stays flat while a steady set of unbounded streams runs.
+
+    Phases with a constant number of running requests after the short streams ended: the three
+    mid streams and the long one (all past max_model_len), then the long one alone. Without
+    eviction each stream would add a page every 32 tokens; with it each holds a bounded count
+    that only wobbles by the page being filled.
+    """
+    blocks = _num_blocks(server)
+    samples = long_requests["samples"]
+    # From the moment all streams ran together (before it, requests were still arriving).
+    start = next(i for i, s in enumerate(samples) if s["vllm:num_requests_running"] >= 8)
+    for streams in (4, 1):
+        phase = [
+            s["vllm:kv_cache_usage_perc"] * blocks
+            for s in samples[start:]
+            if s["vllm:num_requests_running"] == streams
+            and s["vllm_sink:num_requests_running"] == streams
+        ]
+        assert len(phase) >= 10, (streams, len(phase))
+        # Drop the edges, where a request is just leaving between scrapes.
+        phase = phase[2:-2]
+        assert max(phase) - min(phase) <= 2 * streams, (streams, min(phase), max(phase))
+        assert max(phase) <= streams * PAGE_BOUND
 
 
 def test_chat_stream_past_max_model_len(long_requests, tokenizer, long_prompt):
@@ -478,8 +578,9 @@ def test_bad_requests_get_400_and_server_keeps_serving(server, client):
 
 
 def test_client_disconnect_mid_stream(server, client):
+    """An absurd max_tokens is honoured as a stream; dropping the connection ends it."""
     body = {
-        "model": SERVED, "prompt": "The sea", "max_tokens": 4000, "stream": True,
+        "model": SERVED, "prompt": "The sea", "max_tokens": 10**12, "stream": True,
         "ignore_eos": True,
     }  # fmt: skip
     with requests.post(f"{server}/v1/completions", json=body, stream=True, timeout=60) as r:
@@ -495,3 +596,49 @@ def test_client_disconnect_mid_stream(server, client):
     ok = client.completions.create(model=SERVED, prompt="Hello", max_tokens=4)
     assert ok.usage.completion_tokens >= 1
     assert requests.get(f"{server}/health", timeout=10).status_code == 200
+
+
+def test_huge_prompt_streams_and_aborts(server, tokenizer):
+    """A prompt of ~300,000 tokens (585 x max_model_len) is accepted and prefilled with eviction;
+    the client leaving mid-prefill frees every page, and the server keeps serving."""
+    from vllm_sink.assets import long_text
+
+    prompt = long_text(1_200_000)
+    body = {"model": SERVED, "prompt": prompt, "max_tokens": 4, "stream": True}
+    before = _metrics(server)["vllm_sink:pages_freed_total"]
+    with requests.post(f"{server}/v1/completions", json=body, stream=True, timeout=300) as r:
+        assert r.status_code == 200, r.text[:500]
+        deadline = time.monotonic() + 300
+        while True:  # the prefill runs and evicts as it goes, in bounded pages
+            m = _metrics(server)
+            if m["vllm_sink:pages_freed_total"] - before >= 8:
+                break
+            assert time.monotonic() < deadline, m
+            time.sleep(0.5)
+        assert m["vllm:num_requests_running"] == 1
+        assert 0 < m["vllm_sink:kv_pages_held"] <= PAGE_BOUND
+    after = _wait_idle(server)
+    assert after["vllm:kv_cache_usage_perc"] == 0 and after["vllm_sink:kv_pages_held"] == 0
+    assert requests.get(f"{server}/health", timeout=10).status_code == 200
+
+
+def test_many_parallel_requests(server):
+    """A burst of 32 concurrent short requests (more than a decode batch's worth) all succeed."""
+
+    def one(i: int) -> int:
+        body = {"model": SERVED, "prompt": f"Request {i}:", "max_tokens": 6, "ignore_eos": True}
+        r = requests.post(f"{server}/v1/completions", json=body, timeout=300)
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]["completion_tokens"]
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        assert list(pool.map(one, range(32))) == [6] * 32
+
+
+def test_no_pages_after_clients_leave(server):
+    """Runs last: after every client above (finished, aborted, dropped), the engine holds no
+    KV pages (vLLM's own usage gauge and the plugin's count agree)."""
+    m = _wait_idle(server)
+    assert m["vllm:kv_cache_usage_perc"] == 0.0
+    assert m["vllm_sink:kv_pages_held"] == m["vllm_sink:num_requests_running"] == 0
+    assert m["vllm_sink:pages_freed_total"] > 0

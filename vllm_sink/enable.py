@@ -61,8 +61,10 @@ def finalize_config(vllm_config: Any, settings: SinkSettings) -> None:
         problems.append("MLA attention")
     if model_config.uses_mrope:
         problems.append("M-RoPE")
-    if model_config.is_hybrid or getattr(hf, "layer_types", None) and any(
-        t != "full_attention" for t in hf.layer_types
+    if (
+        model_config.is_hybrid
+        or getattr(hf, "layer_types", None)
+        and any(t != "full_attention" for t in hf.layer_types)
     ):
         problems.append("hybrid / sliding-window layers")
     if getattr(hf, "sliding_window", None):
@@ -99,12 +101,16 @@ def finalize_config(vllm_config: Any, settings: SinkSettings) -> None:
         )
         scheduler_config.max_num_batched_tokens = room
         scheduler_config.max_num_seqs = min(scheduler_config.max_num_seqs, room)
-    from vllm_sink.patches import input_processor, openai_server, renderer_params
+    from vllm_sink.patches import input_processor, openai_server, renderer_params, stat_loggers
 
     input_processor.apply()
     renderer_params.apply()
     openai_server.apply()
+    stat_loggers.apply()
     logger.info(
         "vllm_sink enabled: sink_tokens=%d (%d page(s) of %d), window_tokens=%d",
-        settings.sink_tokens, sb, block_size, settings.window_tokens,
+        settings.sink_tokens,
+        sb,
+        block_size,
+        settings.window_tokens,
     )

@@ -72,6 +72,11 @@ class SinkWindowManager(FullAttentionManager):
             # A sink page's keys depend on how far the window has slid: never a cache hit.
             raise ValueError("vllm_sink requires prefix caching off (enable_prefix_caching)")
         super().__init__(kv_cache_spec, **kwargs)
+        # Pages freed by eviction since start (exported as ``vllm_sink:pages_freed``).
+        self.pages_freed = 0
+        # Per request: pages freed by eviction (null entries in its block list), so the pages
+        # held are counted in O(1) however long the stream has run.
+        self._evicted: dict[str, int] = {}
 
     @property
     def has_positionally_stable_blocks(self) -> bool:
@@ -90,11 +95,22 @@ class SinkWindowManager(FullAttentionManager):
         )
         # Frees back to front and stops at the first null block: pages freed earlier stay
         # null, so each step only walks the pages newly left behind by the window.
+        free_before = self.block_pool.get_num_free_blocks()
         self._remove_blocks_in_range(request_id, freed.start, freed.stop)
+        newly_freed = self.block_pool.get_num_free_blocks() - free_before
+        if newly_freed:
+            self.pages_freed += newly_freed
+            self._evicted[request_id] = self._evicted.get(request_id, 0) + newly_freed
+
+    def pop_blocks_for_free(self, request_id: str) -> list:
+        # Every way out of the manager (finish, abort, preemption) goes through here.
+        self._evicted.pop(request_id, None)
+        return super().pop_blocks_for_free(request_id)
 
     def num_pages_held(self, request_id: str) -> int:
         """Real (non-null) pages the request holds now."""
-        return sum(1 for b in self.req_to_blocks.get(request_id, []) if b != self._null_block)
+        blocks = self.req_to_blocks.get(request_id)
+        return len(blocks) - self._evicted.get(request_id, 0) if blocks else 0
 
 
 def register_spec() -> None:

@@ -10,7 +10,12 @@ compacted to ``[sink pages | window pages]`` (``vllm_sink.patches.model_runner``
 
 from __future__ import annotations
 
+from typing import Any
+
 from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.metrics.stats import SchedulerStats
+
+from vllm_sink import metrics
 
 # Effectively unbounded, and still a plain int for the arithmetic vLLM does with it.
 UNBOUNDED_LEN = 1 << 62
@@ -21,3 +26,10 @@ class SinkScheduler(Scheduler):
         super().__init__(*args, **kwargs)
         self.max_model_len = UNBOUNDED_LEN
         self.kv_cache_manager.max_model_len = UNBOUNDED_LEN
+
+    def make_stats(self, *args: Any, **kwargs: Any) -> SchedulerStats | None:
+        stats = super().make_stats(*args, **kwargs)
+        if stats is not None:
+            # Rides to the API server's stat loggers; see vllm_sink.metrics for why here.
+            stats.num_kv_fetch_reqs_by_stage.update(metrics.scheduler_payload(self))
+        return stats
