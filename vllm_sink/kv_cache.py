@@ -72,6 +72,11 @@ class SinkWindowManager(FullAttentionManager):
             # A sink page's keys depend on how far the window has slid: never a cache hit.
             raise ValueError("vllm_sink requires prefix caching off (enable_prefix_caching)")
         super().__init__(kv_cache_spec, **kwargs)
+        # Admission reserves a request's whole prompt when it must fit (vLLM's default
+        # scheduler_reserve_full_isl); like sliding-window specs, a request here never holds
+        # more than its bounded page count, so that is all it reserves. Without the cap a
+        # prompt longer than the pool would wait forever.
+        self.max_admission_blocks_per_request = kv_cache_spec.max_pages_per_request()
         # Pages freed by eviction since start (exported as ``vllm_sink:pages_freed``).
         self.pages_freed = 0
         # Per request: pages freed by eviction (null entries in its block list), so the pages
