@@ -46,3 +46,16 @@ lint: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Benchmarks (benchmarks/README.md). `bench`: the full suite, about 35 minutes on 2 cores (the
+# llama.cpp peer only if llama_cpp is installed). `bench-peer`: builds llama-cpp-python from
+# source (about 16 minutes on 2 cores; the flags avoid the native build's crash at the first
+# token on this kind of machine) and runs the peer comparison.
+.PHONY: bench bench-peer
+bench: setup
+	$(BIN)/python benchmarks/run_all.py --full
+
+bench-peer: setup
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" \
+		$(BIN)/python -m pip install --progress-bar off "llama-cpp-python==0.3.36"
+	$(BIN)/python benchmarks/peer_llamacpp.py

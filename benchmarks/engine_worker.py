@@ -1,0 +1,435 @@
+"""One vLLM engine in its own process, driven by JSON lines (see ``common.EngineWorker``).
+
+    python benchmarks/engine_worker.py '<EngineConfig as JSON>'
+
+Reads one JSON request per line on stdin (``{"op": ..., ...}``) and answers each with one line
+``@@BENCH <json>`` on the original stdout; everything else the libraries print goes to stderr.
+Progress of long operations is sent as ``@@BENCH {"progress": k, "total": n}`` lines.
+
+The engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, set by the parent)
+and every measurement drives ``LLMEngine.step()`` directly, so each step is timed on its own and
+the scheduler's KV manager, block pool and queues can be read between steps.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import io
+import itertools
+import json
+import os
+import pstats
+import sys
+import time
+import traceback
+from typing import Any
+
+_reply_out = None
+
+
+def reply(obj: dict[str, Any]) -> None:
+    assert _reply_out is not None
+    _reply_out.write("@@BENCH " + json.dumps(obj) + "\n")
+    _reply_out.flush()
+
+
+class Worker:
+    """The engine plus the measurements the benchmarks need."""
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        from vllm import LLM
+
+        from vllm_sink.assets import default_model_dir
+
+        self.cfg = cfg
+        extra: dict[str, Any] = {}
+        if cfg["window_tokens"] is not None:
+            extra = {
+                "vllm_sink": {
+                    "sink_tokens": cfg["sink_tokens"],
+                    "window_tokens": cfg["window_tokens"],
+                }
+            }
+        kwargs: dict[str, Any] = {}
+        if cfg["max_position_embeddings"]:
+            kwargs["hf_overrides"] = {"max_position_embeddings": cfg["max_position_embeddings"]}
+        if cfg["max_num_batched_tokens"]:
+            kwargs["max_num_batched_tokens"] = cfg["max_num_batched_tokens"]
+        t0 = time.perf_counter()
+        self.llm = LLM(
+            model=str(default_model_dir()),
+            block_size=32,
+            enforce_eager=True,
+            max_model_len=cfg["max_model_len"],
+            max_num_seqs=cfg["max_num_seqs"],
+            # The plugin turns prefix caching off; vanilla runs without it too, so both engines
+            # do the same work (repeats reuse prompts, which would otherwise hit the cache).
+            enable_prefix_caching=False,
+            seed=0,
+            dtype=cfg.get("dtype", "bfloat16"),
+            additional_config=extra,
+            **kwargs,
+        )
+        self.build_s = time.perf_counter() - t0
+        self.engine = self.llm.llm_engine
+        self.scheduler = self.engine.engine_core.engine_core.scheduler
+        self.pool = self.scheduler.kv_cache_manager.block_pool
+        self.manager = self.scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+        self.preemptions = 0
+        original = self.scheduler._preempt_request
+
+        def counting_preempt(*args: Any, **kwargs: Any) -> Any:
+            self.preemptions += 1
+            return original(*args, **kwargs)
+
+        # Benchmark instrumentation only: count preemptions (vLLM keeps no engine-wide total).
+        self.scheduler._preempt_request = counting_preempt
+        self._ids: list[int] | None = None
+        self._seq = itertools.count()
+
+    # ------------------------------------------------------------------ helpers
+
+    @property
+    def ids(self) -> list[int]:
+        """Token ids of a long real text (Shakespeare), tokenised once."""
+        if self._ids is None:
+            from transformers import AutoTokenizer
+
+            from vllm_sink.assets import default_model_dir, long_text
+
+            tok = AutoTokenizer.from_pretrained(default_model_dir())
+            self._ids = tok(long_text(600_000))["input_ids"]
+        return self._ids
+
+    def prompt(self, start: int, length: int):
+        from vllm.inputs import TokensPrompt
+
+        ids = self.ids
+        start %= len(ids) - length
+        return TokensPrompt(prompt_token_ids=ids[start : start + length])
+
+    def params(self, max_tokens: int):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        # Greedy, fixed length, no detokenising: the engine's own work, the same for both.
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=0.0,
+            ignore_eos=True,
+            detokenize=False,
+            output_kind=RequestOutputKind.DELTA,
+        )
+
+    def pages_used(self) -> int:
+        """Pages taken from the pool (all requests; the null page is not counted)."""
+        return self.pool.num_gpu_blocks - 1 - self.pool.get_num_free_blocks()
+
+    def pages_held(self, internal_id: str) -> int:
+        blocks = self.manager.req_to_blocks.get(internal_id, [])
+        return sum(1 for b in blocks if not b.is_null)
+
+    def add(
+        self,
+        prefix: str,
+        n: int,
+        prompt_len: int,
+        max_tokens: int,
+        stride: int = 997,
+        stagger: bool = False,
+    ):
+        """Add ``n`` requests (prompt ``i`` starts ``i * stride`` tokens into the text).
+
+        ``stagger``: prompt ``i`` is ``(11 * i) % 32`` tokens longer, so streams cross page
+        boundaries (where the plugin evicts) on different steps, as independent streams do.
+        """
+        tag = f"{prefix}{next(self._seq)}"
+        rids = [f"{tag}-{i}" for i in range(n)]
+        for i, rid in enumerate(rids):
+            length = prompt_len + ((11 * i) % 32 if stagger else 0)
+            prompt = self.prompt(i * stride, length)
+            self.engine.add_request(rid, prompt, self.params(max_tokens))
+        return rids
+
+    def internal_ids(self, external: str) -> list[str]:
+        # vLLM suffixes request ids internally ("d0-3-1a2b3c4d").
+        return [r for r in self.scheduler.requests if r.rsplit("-", 1)[0] == external]
+
+    # ------------------------------------------------------------------ operations
+
+    def op_info(self) -> dict[str, Any]:
+        return {"num_pages": self.pool.num_gpu_blocks - 1, "build_s": self.build_s}
+
+    def op_decode(
+        self,
+        streams: int,
+        prompt_len: int,
+        gen: int,
+        profile: bool | str = False,
+        profile_top: int = 45,
+    ) -> dict[str, Any]:
+        """Prefill ``streams`` prompts, then time every pure-decode step to the end.
+
+        ``profile``: True or ``"decode"`` runs cProfile over the decode steps, ``"prefill"``
+        over the prefill steps.
+        """
+        rids = self.add("d", streams, prompt_len, gen)
+        produced = dict.fromkeys(rids, 0)
+        prof = cProfile.Profile() if profile else None
+        if prof and profile == "prefill":
+            prof.enable()
+        t0 = time.perf_counter()
+        # Prefill phase: until every stream has its first token (steps may mix prefill chunks
+        # and decodes; none of them is counted as decode).
+        while min(produced.values()) == 0:
+            for out in self.engine.step():
+                produced[out.request_id] += len(out.outputs[0].token_ids)
+        prefill_s = time.perf_counter() - t0
+        if prof and profile == "prefill":
+            prof.disable()
+        steps: list[float] = []
+        tokens = 0
+        if prof and profile != "prefill":
+            prof.enable()
+        while self.engine.has_unfinished_requests():
+            ts = time.perf_counter()
+            outs = self.engine.step()
+            steps.append(time.perf_counter() - ts)
+            tokens += sum(len(o.outputs[0].token_ids) for o in outs)
+        if prof and profile != "prefill":
+            prof.disable()
+        decode_s = sum(steps)
+        result: dict[str, Any] = {
+            "streams": streams,
+            "prompt_len": prompt_len,
+            "gen": gen,
+            "prefill_s": prefill_s,
+            "decode_steps": len(steps),
+            "decode_tokens": tokens,
+            "decode_s": decode_s,
+            "tok_s": tokens / decode_s if decode_s else 0.0,
+            "step_ms_median": 1000 * sorted(steps)[len(steps) // 2] if steps else 0.0,
+            "preemptions": self.preemptions,
+        }
+        if prof:
+            result["profile"] = _profile_text(prof, profile_top)
+        return result
+
+    def op_open(
+        self, streams: int, prompt_len: int, max_tokens: int, stagger: bool = True
+    ) -> dict[str, Any]:
+        """Start a decode session: add ``streams`` requests and prefill them (timed)."""
+        if self.engine.has_unfinished_requests():
+            return {"error": "a session is already open"}
+        rids = self.add("o", streams, prompt_len, max_tokens, stagger=stagger)
+        produced = dict.fromkeys(rids, 0)
+        t0 = time.perf_counter()
+        steps = 0
+        while min(produced.values()) == 0:
+            for out in self.engine.step():
+                produced[out.request_id] += len(out.outputs[0].token_ids)
+            steps += 1
+        self._session = rids
+        return {"prefill_s": time.perf_counter() - t0, "prefill_steps": steps}
+
+    def op_advance(
+        self, steps: int, profile: bool = False, profile_top: int = 45
+    ) -> dict[str, Any]:
+        """Run ``steps`` decode steps of the open session; every step is timed."""
+        times: list[float] = []
+        tokens = 0
+        prof = cProfile.Profile() if profile else None
+        if prof:
+            prof.enable()
+        for _ in range(steps):
+            if not self.engine.has_unfinished_requests():
+                break
+            ts = time.perf_counter()
+            outs = self.engine.step()
+            times.append(time.perf_counter() - ts)
+            tokens += sum(len(o.outputs[0].token_ids) for o in outs)
+        if prof:
+            prof.disable()
+        total = sum(times)
+        result: dict[str, Any] = {
+            "steps": len(times),
+            "tokens": tokens,
+            "decode_s": total,
+            "tok_s": tokens / total if total else 0.0,
+            "step_ms": [1000 * t for t in times],
+            "step_ms_median": 1000 * sorted(times)[len(times) // 2] if times else 0.0,
+            "pages_used": self.pages_used(),
+            "preemptions": self.preemptions,
+        }
+        if prof:
+            result["profile"] = _profile_text(prof, profile_top)
+        return result
+
+    def op_close(self) -> dict[str, Any]:
+        """Abort whatever is left of the session."""
+        live = [r for rid in getattr(self, "_session", []) for r in self.internal_ids(rid)]
+        if live:
+            self.engine.abort_request(live, internal=True)
+        while self.engine.has_unfinished_requests():
+            self.engine.step()
+        self._session = []
+        return {"pages_used": self.pages_used()}
+
+    def op_stream(
+        self, prompt_len: int, max_tokens: int, streams: int = 1, report_every: int = 64
+    ) -> dict[str, Any]:
+        """Decode long streams; per step: latency, position, pages held by stream 0 and in all."""
+        error = None
+        try:
+            rids = self.add("s", streams, prompt_len, max_tokens)
+        except Exception as exc:  # vanilla refuses a stream longer than max_model_len
+            error = f"{type(exc).__name__}: {exc}"
+            return {"error_on_add": error}
+        produced = dict.fromkeys(rids, 0)
+        rows: list[list[float]] = []
+        finish = None
+        t_start = time.perf_counter()
+        while self.engine.has_unfinished_requests():
+            ts = time.perf_counter()
+            outs = self.engine.step()
+            dt = time.perf_counter() - ts
+            for out in outs:
+                produced[out.request_id] += len(out.outputs[0].token_ids)
+                if out.finished and out.request_id == rids[0]:
+                    finish = out.outputs[0].finish_reason
+            ids0 = self.internal_ids(rids[0])
+            held0 = sum(self.pages_held(r) for r in ids0)
+            rows.append([prompt_len + produced[rids[0]], dt * 1000, held0, self.pages_used()])
+            if len(rows) % report_every == 0:
+                reply({"progress": produced[rids[0]], "total": max_tokens})
+        return {
+            "columns": ["position", "step_ms", "pages_held_stream0", "pages_used_all"],
+            "rows": rows,
+            "generated": produced[rids[0]],
+            "finish_reason": finish,
+            "wall_s": time.perf_counter() - t_start,
+            "preemptions": self.preemptions,
+        }
+
+    def op_recompute(self, window: int, tokens: int, start: int = 5000) -> dict[str, Any]:
+        """Sliding window with re-computation: each token is a fresh ``window``-token prefill."""
+        times = []
+        for t in range(tokens):
+            rid = f"r{next(self._seq)}"
+            ts = time.perf_counter()
+            self.engine.add_request(rid, self.prompt(start + t, window), self.params(1))
+            while self.engine.has_unfinished_requests():
+                self.engine.step()
+            times.append(time.perf_counter() - ts)
+        return {"window": window, "token_s": times}
+
+    def op_capacity(
+        self, streams: int, prompt_len: int, max_tokens: int, budget_pages: int, steps: int
+    ) -> dict[str, Any]:
+        """Submit ``streams`` long streams with only ``budget_pages`` free; watch ``steps`` steps.
+
+        The rest of the pool is taken out (held by this worker) so both engines get the same
+        budget from one engine start; it goes back at the end.
+        """
+        free = self.pool.get_num_free_blocks()
+        if budget_pages > free:
+            return {"error": f"budget {budget_pages} > free pages {free}"}
+        reserved = self.pool.get_new_blocks(free - budget_pages)
+        p0 = self.preemptions
+        rids = self.add("c", streams, prompt_len, max_tokens, stride=1499)
+        produced = dict.fromkeys(rids, 0)
+        rows = []
+        try:
+            for step in range(steps):
+                if not self.engine.has_unfinished_requests():
+                    break
+                ts = time.perf_counter()
+                outs = self.engine.step()
+                dt = time.perf_counter() - ts
+                new_tokens = 0
+                for out in outs:
+                    produced[out.request_id] += len(out.outputs[0].token_ids)
+                    new_tokens += len(out.outputs[0].token_ids)
+                decoding = sum(
+                    1
+                    for r in self.scheduler.running
+                    if r.num_computed_tokens >= r.num_prompt_tokens
+                )
+                rows.append(
+                    [
+                        step,
+                        len(self.scheduler.running),
+                        decoding,
+                        len(self.scheduler.waiting),
+                        self.preemptions - p0,
+                        self.pages_used() - len(reserved),
+                        new_tokens,
+                        dt * 1000,
+                    ]
+                )
+                if step % 32 == 0:
+                    reply({"progress": step, "total": steps})
+        finally:
+            live = [r for rid in rids for r in self.internal_ids(rid)]
+            self.engine.abort_request(live, internal=True)
+            while self.engine.has_unfinished_requests():
+                self.engine.step()
+            self.pool.free_blocks(reserved)
+        return {
+            "columns": [
+                "step",
+                "running",
+                "decoding",
+                "waiting",
+                "preemptions",
+                "pages_used",
+                "new_tokens",
+                "step_ms",
+            ],
+            "rows": rows,
+            "tokens_per_stream": list(produced.values()),
+            "budget_pages": budget_pages,
+        }
+
+
+def _profile_text(prof: cProfile.Profile, top: int) -> dict[str, str]:
+    out = {}
+    for key in ("tottime", "cumulative"):
+        buf = io.StringIO()
+        stats = pstats.Stats(prof, stream=buf)
+        stats.sort_stats(key).print_stats(top)
+        out[key] = buf.getvalue()
+    buf = io.StringIO()
+    stats = pstats.Stats(prof, stream=buf)
+    stats.sort_stats("cumulative").print_stats("vllm_sink|patches", top)
+    out["vllm_sink"] = buf.getvalue()
+    return out
+
+
+def main() -> int:
+    global _reply_out
+    # Replies get the real stdout; anything vLLM or torch prints goes to stderr (the log).
+    _reply_out = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    cfg = json.loads(sys.argv[1])
+    try:
+        worker = Worker(cfg)
+    except Exception:
+        reply({"error": traceback.format_exc()[-4000:]})
+        return 1
+    reply({"ready": True, **worker.op_info()})
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        request = json.loads(line)
+        op = request.pop("op")
+        try:
+            result = getattr(worker, f"op_{op}")(**request)
+        except Exception:
+            result = {"error": traceback.format_exc()[-4000:]}
+        reply(result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,84 @@
+"""Run the whole benchmark suite: one command, quick (test suite) or full (the README).
+
+    .venv/bin/python benchmarks/run_all.py --quick --out-root /tmp/bench   # ~5 min, tiny sizes
+    .venv/bin/python benchmarks/run_all.py --full                          # ~35 min, README
+
+The engine benchmarks share one plugin and one vanilla engine (same sizes by default), so each
+engine starts once. The llama.cpp peer is skipped, with the reason recorded, when
+``llama_cpp`` is not installed (``pip install -e '.[peer]'``, a ~16 minute build on 2 cores).
+Writes ``run_all.json`` (what ran, how long, what was skipped) under ``--out-root`` and, for a
+full run into the default folder, regenerates ``benchmarks/results/TABLES.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import RESULTS, EnginePool, log, machine_info, write_json  # noqa: E402
+
+SUITE = ["overhead", "recompute", "long_stream", "capacity", "serving", "peer_llamacpp"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--quick", action="store_true", help="tiny sizes, a few minutes")
+    mode.add_argument("--full", action="store_true", help="the README's sizes")
+    parser.add_argument("--out-root", type=Path, default=RESULTS)
+    parser.add_argument("--only", nargs="+", choices=SUITE, default=None)
+    parser.add_argument("--skip", nargs="+", choices=SUITE, default=[])
+    parser.add_argument("--keep-going", action="store_true", help="continue after a failure")
+    args = parser.parse_args(argv)
+
+    names = [n for n in (args.only or SUITE) if n not in args.skip]
+    report: dict = {"mode": "quick" if args.quick else "full", "machine": machine_info()}
+    report["benchmarks"] = {}
+    failed = False
+    start_all = time.monotonic()
+    with EnginePool(log_dir=args.out_root / "logs") as pool:
+        for name in names:
+            entry: dict = {}
+            report["benchmarks"][name] = entry
+            if name == "peer_llamacpp" and importlib.util.find_spec("llama_cpp") is None:
+                entry["skipped"] = "llama_cpp not installed (pip install -e '.[peer]')"
+                log(f"{name}: skipped, {entry['skipped']}")
+                continue
+            module = importlib.import_module(name)
+            bench_argv = ["--out", str(args.out_root / name)]
+            if args.quick:
+                bench_argv.append("--quick")
+            t0 = time.monotonic()
+            log(f"== {name}")
+            try:
+                entry["summary"] = module.run(module.parse_args(bench_argv), pool)
+                entry["status"] = "ok"
+            except Exception:
+                entry["status"] = "failed"
+                entry["error"] = traceback.format_exc()[-4000:]
+                log(f"{name} failed:\n{entry['error']}")
+                failed = True
+                if not args.keep_going:
+                    break
+            finally:
+                entry["seconds"] = round(time.monotonic() - t0, 1)
+                log(f"{name}: {entry['seconds']:.0f}s")
+    report["seconds"] = round(time.monotonic() - start_all, 1)
+    write_json(args.out_root / "run_all.json", report)
+    if args.full and args.out_root == RESULTS and not failed:
+        import tables
+
+        tables.main([])
+    log(f"suite done in {report['seconds']:.0f}s")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,236 @@
+"""Markdown tables of the latest results, generated from the committed JSON files.
+
+    .venv/bin/python benchmarks/tables.py [--root benchmarks/results] [--out TABLES.md]
+
+Each section reads ``<root>/<benchmark>/results.json`` (skipped when absent) and prints the
+table the README shows; ``benchmarks/README.md`` copies these tables verbatim.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import RESULTS, fmt_spread  # noqa: E402
+
+
+def _row(cells: list[Any]) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def _table(header: list[str], rows: list[list[Any]], align: str | None = None) -> str:
+    align = align or "l" + "r" * (len(header) - 1)
+    sep = ["---" if a == "l" else "---:" for a in align]
+    return "\n".join([_row(header), _row(sep), *(_row(r) for r in rows)])
+
+
+def _machine(d: dict[str, Any]) -> str:
+    m = d["machine"]
+    return (
+        f"_{m['cpu_model']}, {m['cpus_usable']} cores, torch {m['torch']}, vLLM {m['vllm']}, "
+        f"commit {str(m['git_commit'])[:10]}{' (dirty)' if m['git_dirty'] else ''}, "
+        f"{m['started_utc']}_"
+    )
+
+
+def overhead(d: dict[str, Any]) -> str:
+    rows = []
+    for streams, s in d["summary"].items():
+        rows.append(
+            [
+                streams,
+                fmt_spread(s["vanilla_tok_s"], 1),
+                fmt_spread(s["plugin_tok_s"], 1),
+                f"**{fmt_spread(s['ratio'])}**",
+                fmt_spread(s["ratio_of_median_steps"]),
+            ]
+        )
+    head = ["streams", "vanilla tok/s", "plugin tok/s", "plugin / vanilla", "ratio of median steps"]
+    return _table(head, rows)
+
+
+def long_stream(d: dict[str, Any]) -> str:
+    s = d["summary"]
+    rows = []
+    for name in ("plugin", "vanilla"):
+        r = d["results"][name]
+        buckets = r["step_ms_by_position"]
+        rows.append(
+            [
+                name,
+                r["last_position"],
+                r["finish_reason"],
+                r["max_pages_held_stream0"],
+                f"{buckets[0]['step_ms_median']:.1f}",
+                f"{buckets[-1]['step_ms_median']:.1f}",
+            ]
+        )
+    table = _table(
+        [
+            "engine",
+            "last position",
+            "finish",
+            "max pages held",
+            "ms/step, first window",
+            "ms/step, last window",
+        ],
+        rows,
+        "llrrrr",
+    )
+    by_pos = []
+    plugin = {b["from"]: b for b in d["results"]["plugin"]["step_ms_by_position"]}
+    vanilla = {b["from"]: b for b in d["results"]["vanilla"]["step_ms_by_position"]}
+    for start in sorted(plugin):
+        p, v = plugin[start], vanilla.get(start)
+        by_pos.append(
+            [
+                f"{start}-{p['to']}",
+                f"{p['step_ms_median']:.1f}",
+                p["pages_held_max"],
+                f"{v['step_ms_median']:.1f}" if v else "stopped",
+                v["pages_held_max"] if v else "-",
+            ]
+        )
+    table2 = _table(
+        ["positions", "plugin ms/step", "plugin pages", "vanilla ms/step", "vanilla pages"],
+        by_pos,
+    )
+    return f"{table}\n\nContract bound: {s['page_bound_plugin']} pages.\n\n{table2}"
+
+
+def recompute(d: dict[str, Any]) -> str:
+    rows = []
+    for cache, s in d["summary"].items():
+        row = [
+            cache,
+            fmt_spread(
+                {k: v * 1000 for k, v in s["plugin"].items() if k != "n"} | {"n": s["plugin"]["n"]},
+                1,
+            ),
+            fmt_spread(
+                {k: v * 1000 for k, v in s["vllm_recompute"].items() if k != "n"}
+                | {"n": s["vllm_recompute"]["n"]},
+                0,
+            ),
+            f"**{fmt_spread(s['speedup_vs_vllm_recompute'], 1, 'x')}**",
+        ]
+        if "reference_stream" in s:
+            row += [
+                f"{s['reference_stream']['median'] * 1000:.1f}",
+                f"{s['reference_recompute']['median'] * 1000:.0f}",
+                fmt_spread(s["speedup_vs_reference_recompute"], 1, "x"),
+            ]
+        rows.append(row)
+    head = ["cache C", "plugin ms/tok", "vLLM re-computation ms/tok", "speed-up"]
+    if rows and len(rows[0]) > 4:
+        head += ["reference stream ms/tok", "reference re-comp. ms/tok", "plugin vs ref. re-comp."]
+    return _table(head, rows)
+
+
+def capacity(d: dict[str, Any]) -> str:
+    rows = []
+    for name in ("plugin", "vanilla"):
+        r = d["results"][name]
+        rows.append(
+            [
+                name,
+                r["pages_per_stream"],
+                r["arithmetic_capacity"],
+                f"**{r['max_decoding_at_once']}**",
+                r["median_decoding_while_queued"],
+                r["preemptions"],
+                r["max_pages_used"],
+                f"{r['tok_s']:.1f}",
+            ]
+        )
+    s = d["summary"]
+    head = [
+        "engine",
+        "pages / stream",
+        "budget // pages",
+        "max streams decoding at once",
+        "median while queued",
+        "preemptions",
+        "max pages used",
+        "tok/s",
+    ]
+    return (
+        f"Budget {s['budget_pages']} pages, streams of {s['stream_length']} tokens.\n\n"
+        + _table(head, rows)
+    )
+
+
+def peer(d: dict[str, Any]) -> str:
+    rows = []
+    for streams, s in d["summary"].items():
+        rows.append(
+            [
+                streams,
+                fmt_spread(s["plugin_tok_s"], 1),
+                fmt_spread(s["llama_cpp_tok_s"], 1),
+                f"**{fmt_spread(s['ratio_plugin_over_llama_cpp'])}**",
+                max(s["llama_cpp_context_shifts"]),
+            ]
+        )
+    head = ["streams", "vLLM + plugin tok/s", "llama.cpp tok/s", "plugin / llama.cpp", "shifts"]
+    return _table(head, rows)
+
+
+def serving(d: dict[str, Any]) -> str:
+    s = d["summary"]
+    keys = [
+        ("output_throughput", "output tok/s", 1),
+        ("median_ttft_ms", "median TTFT ms", 0),
+        ("median_itl_ms", "median ITL ms", 1),
+        ("p99_itl_ms", "p99 ITL ms", 0),
+    ]
+    rows = [[label, fmt_spread(s["vanilla"][k], dg), fmt_spread(s["plugin"][k], dg),
+             f"**{fmt_spread(s[f'ratio_{k}'])}**"] for k, label, dg in keys]  # fmt: skip
+    a = d["settings"]
+    return (
+        f"{a['num_prompts']} requests, {a['input_len']} tokens in, {a['output_len']} out, "
+        f"{a['concurrency']} in flight.\n\n"
+        + _table(["metric", "vanilla", "plugin", "plugin / vanilla"], rows)
+    )
+
+
+SECTIONS: dict[str, Callable[[dict[str, Any]], str]] = {
+    "overhead": overhead,
+    "long_stream": long_stream,
+    "recompute": recompute,
+    "peer_llamacpp": peer,
+    "capacity": capacity,
+    "serving": serving,
+}
+
+
+def render(root: Path) -> str:
+    parts = []
+    for name, fn in SECTIONS.items():
+        path = root / name / "results.json"
+        if not path.is_file():
+            continue
+        d = json.loads(path.read_text())
+        parts.append(f"### {name}\n\n{_machine(d)}\n\n{fn(d)}\n")
+    return "\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=None, help="default: <root>/TABLES.md")
+    args = parser.parse_args(argv)
+    text = render(args.root)
+    (args.out or args.root / "TABLES.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
