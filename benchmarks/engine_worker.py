@@ -2,9 +2,8 @@
 
     python benchmarks/engine_worker.py '<EngineConfig as JSON>'
 
-Reads one JSON request per line on stdin (``{"op": ..., ...}``) and answers each with one line
-``@@BENCH <json>`` on the original stdout; everything else the libraries print goes to stderr.
-Progress of long operations is sent as ``@@BENCH {"progress": k, "total": n}`` lines.
+Speaks the JSON-lines protocol of ``worker_protocol.py``: one request per line on stdin, one
+``@@BENCH <json>`` answer per request (and progress lines for long operations) on stdout.
 
 The engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, set by the parent)
 and every measurement drives ``LLMEngine.step()`` directly, so each step is timed on its own and
@@ -16,21 +15,11 @@ from __future__ import annotations
 import cProfile
 import io
 import itertools
-import json
-import os
 import pstats
-import sys
 import time
-import traceback
 from typing import Any
 
-_reply_out = None
-
-
-def reply(obj: dict[str, Any]) -> None:
-    assert _reply_out is not None
-    _reply_out.write("@@BENCH " + json.dumps(obj) + "\n")
-    _reply_out.flush()
+from worker_protocol import reply, serve
 
 
 class Worker:
@@ -407,28 +396,7 @@ def _profile_text(prof: cProfile.Profile, top: int) -> dict[str, str]:
 
 
 def main() -> int:
-    global _reply_out
-    # Replies get the real stdout; anything vLLM or torch prints goes to stderr (the log).
-    _reply_out = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)
-    cfg = json.loads(sys.argv[1])
-    try:
-        worker = Worker(cfg)
-    except Exception:
-        reply({"error": traceback.format_exc()[-4000:]})
-        return 1
-    reply({"ready": True, **worker.op_info()})
-    for line in sys.stdin:
-        if not line.strip():
-            continue
-        request = json.loads(line)
-        op = request.pop("op")
-        try:
-            result = getattr(worker, f"op_{op}")(**request)
-        except Exception:
-            result = {"error": traceback.format_exc()[-4000:]}
-        reply(result)
-    return 0
+    return serve(Worker, lambda worker: worker.op_info())
 
 
 if __name__ == "__main__":

@@ -2,33 +2,23 @@
 
     python benchmarks/llamacpp_worker.py '{"gguf": ..., "streams": 16, "n_keep": 4, ...}'
 
-Same JSON-lines protocol as ``engine_worker.py``. One context holds ``streams`` sequences, each
-with its own ``n_ctx_seq = n_keep + window + discard`` cells (``kv_unified`` off), and every
-decode step is one ``llama_batch`` with one token per sequence. When a sequence is full,
-llama.cpp's own context shift is applied to it: ``llama_memory_seq_rm`` drops ``discard``
-tokens after the first ``n_keep`` (the sinks) and ``llama_memory_seq_add`` shifts the rest
-back, which re-rotates their cached keys (llama.cpp's K-shift). Greedy sampling (argmax).
+Same JSON-lines protocol as ``engine_worker.py`` (``worker_protocol.py``). One context holds
+``streams`` sequences, each with its own ``n_ctx_seq = n_keep + window + discard`` cells
+(``kv_unified`` off), and every decode step is one ``llama_batch`` with one token per sequence.
+When a sequence is full, llama.cpp's own context shift is applied to it: ``llama_memory_seq_rm``
+drops ``discard`` tokens after the first ``n_keep`` (the sinks) and ``llama_memory_seq_add``
+shifts the rest back, which re-rotates their cached keys (llama.cpp's K-shift). Greedy sampling
+(argmax).
 """
 
 from __future__ import annotations
 
 import ctypes
-import json
-import os
-import sys
 import time
-import traceback
 from typing import Any
 
 import numpy as np
-
-_reply_out = None
-
-
-def reply(obj: dict[str, Any]) -> None:
-    assert _reply_out is not None
-    _reply_out.write("@@BENCH " + json.dumps(obj) + "\n")
-    _reply_out.flush()
+from worker_protocol import serve
 
 
 class LlamaStreams:
@@ -134,30 +124,14 @@ class LlamaStreams:
         }
 
 
-def main() -> int:
-    global _reply_out
-    _reply_out = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)
-    cfg = json.loads(sys.argv[1])
-    try:
-        worker = LlamaStreams(cfg)
-    except Exception:
-        reply({"error": traceback.format_exc()[-4000:]})
-        return 1
+def _ready(worker: LlamaStreams) -> dict[str, Any]:
     import llama_cpp
 
-    reply({"ready": True, "llama_cpp_python": llama_cpp.__version__, "n_ctx_seq": worker.n_ctx_seq})
-    for line in sys.stdin:
-        if not line.strip():
-            continue
-        request = json.loads(line)
-        op = request.pop("op")
-        try:
-            result = getattr(worker, f"op_{op}")(**request)
-        except Exception:
-            result = {"error": traceback.format_exc()[-4000:]}
-        reply(result)
-    return 0
+    return {"llama_cpp_python": llama_cpp.__version__, "n_ctx_seq": worker.n_ctx_seq}
+
+
+def main() -> int:
+    return serve(LlamaStreams, _ready)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """1. Overhead: decode throughput of vLLM with the plugin against vanilla vLLM.
 
-    .venv/bin/python benchmarks/overhead.py            # full: 1/4/16/64 streams, 3 repeats
+    .venv/bin/python benchmarks/overhead.py            # full: 1/4/16/64 streams, 5 repeats
     .venv/bin/python benchmarks/overhead.py --quick    # tiny sizes, 2 repeats
 
 Both engines run side by side in their own processes (same settings but for the plugin) and
@@ -66,9 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         # bf16 prefill runs at ~50 tokens/s on 2 AVX2 cores: 64 streams are for the full run.
         args.streams = [1, 4] if args.quick else [1, 4, 16, 64]
     if args.steps is None:
-        args.steps = 4 if args.quick else 6
+        args.steps = 4 if args.quick else 16
     if args.repeats is None:
-        args.repeats = 2 if args.quick else 3
+        args.repeats = 2 if args.quick else 5
     if args.profile is None:
         args.profile = 0 if args.quick else 16
     return args

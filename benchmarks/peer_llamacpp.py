@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import os
 import sys
 import zipfile
 from pathlib import Path
@@ -77,9 +78,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--gen", type=int, default=None, help="decode tokens per stream")
     parser.add_argument("--repeats", type=int, default=None)
-    # 1 thread: on this shared 2-core machine, llama.cpp's spinning thread pool with 2 threads
-    # collapsed to ~0.5 tok/s for one stream under load (1 thread: ~70 tok/s at the same time).
-    parser.add_argument("--threads", type=int, default=1, help="llama.cpp threads")
+    # Default: every core, as vLLM's CPU backend uses. Under load from other jobs use 1: there
+    # llama.cpp's spinning thread pool with 2 threads collapsed to ~0.5 tok/s for one stream
+    # (1 thread: ~70 tok/s at the same time).
+    parser.add_argument(
+        "--threads", type=int, default=os.cpu_count() or 1, help="llama.cpp threads"
+    )
     args = finish_engine_args(parser.parse_args(argv))
     if args.gen is None:
         args.gen = 8 if args.quick else 24

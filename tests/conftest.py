@@ -30,18 +30,3 @@ def text_tokens(model_dir):
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     return tokenizer(long_text(400_000))["input_ids"]
-
-
-# Not yet part of `make test`: the quick benchmark suite has not had a clean, timed run on a quiet
-# machine (it was written while the 2 cores were shared, at load averages of 15-80). It runs with
-# VLLM_SINK_FULL_SUITE=1 and joins the default run once timed.
-OPT_IN_MODULES = {"test_benchmarks.py"}
-
-
-def pytest_collection_modifyitems(config, items):
-    if os.environ.get("VLLM_SINK_FULL_SUITE") == "1":
-        return
-    skip = pytest.mark.skip(reason="opt-in until timed on a quiet machine: VLLM_SINK_FULL_SUITE=1")
-    for item in items:
-        if item.path.name in OPT_IN_MODULES:
-            item.add_marker(skip)

@@ -35,6 +35,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec
 
 from vllm_sink import geometry
+from vllm_sink.enable import step_tokens_per_request
 from vllm_sink.kv_cache import SinkWindowSpec
 from vllm_sink.settings import SinkSettings, settings_from_additional_config
 
@@ -61,7 +62,7 @@ def capture_layout() -> SinkLayout:
     settings = settings_from_additional_config(config.additional_config)
     if settings is None:
         raise RuntimeError("vllm_sink backend used without vllm_sink settings")
-    _layout = SinkLayout(settings, config.scheduler_config.max_num_batched_tokens)
+    _layout = SinkLayout(settings, step_tokens_per_request(config.scheduler_config))
     return _layout
 
 

@@ -52,6 +52,13 @@ def prepare_engine_args(engine_args: Any, settings: SinkSettings) -> None:
     engine_args.enable_prefix_caching = False
 
 
+def step_tokens_per_request(scheduler_config: Any) -> int:
+    """Most tokens one request may process in one step (its prefill chunk)."""
+    cap = scheduler_config.max_num_batched_tokens
+    threshold = scheduler_config.long_prefill_token_threshold
+    return min(cap, threshold) if threshold > 0 else cap
+
+
 def finalize_config(vllm_config: Any, settings: SinkSettings) -> None:
     """Refuse built configs the plugin does not support."""
     model_config = vllm_config.model_config
@@ -91,16 +98,17 @@ def finalize_config(vllm_config: Any, settings: SinkSettings) -> None:
             f"max_position_embeddings={max_positions} and max_model_len="
             f"{model_config.max_model_len}"
         )
+    # Cap each request's tokens per step (its prefill chunk), not the whole step's budget:
+    # many requests' chunks still share one step, as in vanilla vLLM.
     scheduler_config = vllm_config.scheduler_config
-    if scheduler_config.max_num_batched_tokens > room:
+    cap = step_tokens_per_request(scheduler_config)
+    if cap > room:
         logger.info(
-            "vllm_sink: max_num_batched_tokens lowered from %d to %d so one step's positions "
-            "stay below the model's limit",
-            scheduler_config.max_num_batched_tokens,
+            "vllm_sink: long_prefill_token_threshold set to %d so one request's step stays "
+            "below the model's position limit",
             room,
         )
-        scheduler_config.max_num_batched_tokens = room
-        scheduler_config.max_num_seqs = min(scheduler_config.max_num_seqs, room)
+        scheduler_config.long_prefill_token_threshold = room
     from vllm_sink.patches import input_processor, openai_server, renderer_params, stat_loggers
 
     input_processor.apply()

@@ -16,6 +16,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.metrics.stats import SchedulerStats
 
 from vllm_sink import metrics
+from vllm_sink.enable import step_tokens_per_request
 
 # Effectively unbounded, and still a plain int for the arithmetic vLLM does with it.
 UNBOUNDED_LEN = 1 << 62
@@ -26,6 +27,22 @@ class SinkScheduler(Scheduler):
         super().__init__(*args, **kwargs)
         self.max_model_len = UNBOUNDED_LEN
         self.kv_cache_manager.max_model_len = UNBOUNDED_LEN
+        # Per-request step cap (``long_prefill_token_threshold``, set by the plugin so a
+        # compacted request's positions fit the model).
+        self.step_tokens_per_request = step_tokens_per_request(self.scheduler_config)
+
+    def schedule(self, *args: Any, **kwargs: Any) -> Any:
+        running, waiting = self.get_request_counts()
+        if running + waiting > 1:
+            return super().schedule(*args, **kwargs)
+        # vLLM lifts long_prefill_token_threshold for a lone request ("nobody to starve"); a
+        # lone sink stream must still keep to it, so its step budget is lowered instead.
+        budget = self.max_num_scheduled_tokens
+        self.max_num_scheduled_tokens = min(budget, self.step_tokens_per_request)
+        try:
+            return super().schedule(*args, **kwargs)
+        finally:
+            self.max_num_scheduled_tokens = budget
 
     def make_stats(self, *args: Any, **kwargs: Any) -> SchedulerStats | None:
         stats = super().make_stats(*args, **kwargs)
