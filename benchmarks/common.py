@@ -189,6 +189,8 @@ class EngineConfig:
     max_num_batched_tokens: int | None = None
     kv_space_gib: float = 2.0
     dtype: str = "bfloat16"
+    # A second engine of the same settings (an A/A control) needs its own process.
+    replica: int = 0
 
     @property
     def plugin(self) -> bool:
@@ -197,7 +199,8 @@ class EngineConfig:
     @property
     def name(self) -> str:
         if not self.plugin:
-            return f"vanilla(mml={self.max_model_len})"
+            copy = f", replica {self.replica}" if self.replica else ""
+            return f"vanilla(mml={self.max_model_len}{copy})"
         return f"plugin({self.sink_tokens}+{self.window_tokens}, mml={self.max_model_len})"
 
 

@@ -15,6 +15,9 @@ Same cached tokens per stream: plugin streams start past the window (already evi
 start ``repeats * steps / 2`` tokens short of that, so over the run they hold the same number on
 average. Prompts are staggered by ``(11 i) % 32`` tokens in both engines, so the streams cross
 page boundaries (where the plugin evicts and re-rotates its sinks) on different steps.
+``--control`` (on in the full run) adds a second vanilla engine, measured in the same rotation:
+its ratio to the first (*vanilla B / vanilla*, an A/A test) is the noise floor of the method,
+which is mostly how fast one engine process happens to run against another on these cores.
 ``--profile N`` also runs cProfile over the decode of N streams in both engines and writes the
 hot spots.
 
@@ -25,6 +28,7 @@ Writes ``results.json`` (machine, settings, every run, ratio spread per stream c
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 from pathlib import Path
@@ -61,6 +65,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--profile", type=int, default=None, metavar="STREAMS", help="0: none (full: 16)"
     )
+    parser.add_argument(
+        "--control",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="a second vanilla engine as an A/A control (default: on in the full run)",
+    )
     args = finish_engine_args(parser.parse_args(argv))
     if args.streams is None:
         # bf16 prefill runs at ~50 tokens/s on 2 AVX2 cores: 64 streams are for the full run.
@@ -71,7 +81,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.repeats = 2 if args.quick else 5
     if args.profile is None:
         args.profile = 0 if args.quick else 16
+    if args.control is None:
+        args.control = not args.quick
     return args
+
+
+def rotation(rep: int, index: int, names: list[str]) -> list[str]:
+    """Order of the engines in one repeat: two engines flip every other time, more rotate."""
+    if len(names) == 2:
+        return alternate(rep, index, names)
+    k = (rep + index) % len(names)
+    return names[k:] + names[:k]
 
 
 def prompt_lens(args: argparse.Namespace) -> dict[str, int]:
@@ -94,13 +114,16 @@ def run(args: argparse.Namespace, pool: EnginePool) -> dict[str, Any]:
 
     write_command(args.out)
     plugin_cfg, vanilla_cfg = engine_configs(args, max_num_seqs=max(64, *args.streams))
-    plugin, vanilla = pool.start(plugin_cfg, vanilla_cfg)
-    workers = {"plugin": plugin, "vanilla": vanilla}
+    configs = {"plugin": plugin_cfg, "vanilla": vanilla_cfg}
+    if args.control:
+        configs["vanilla_b"] = dataclasses.replace(vanilla_cfg, replica=1)
+    workers = dict(zip(configs, pool.start(*configs.values()), strict=True))
     lens = prompt_lens(args)
+    lens["vanilla_b"] = lens["vanilla"]
     max_tokens = args.repeats * args.steps + 8
     runs: list[dict[str, Any]] = []
     prefill: dict[str, Any] = {}
-    total = args.repeats * len(args.streams) * 2
+    total = args.repeats * len(args.streams) * len(workers)
     with tqdm(total=total, desc="overhead", unit="run", file=sys.stderr) as bar:
         for idx, streams in enumerate(args.streams):
             # One prefill per engine and stream count; the repeats then alternate segments of
@@ -112,7 +135,7 @@ def run(args: argparse.Namespace, pool: EnginePool) -> dict[str, Any]:
                 )
                 w.call("advance", steps=1)  # first-use costs out of the timing
             for rep in range(args.repeats):
-                for name in alternate(rep, idx, ["plugin", "vanilla"]):
+                for name in rotation(rep, idx, list(workers)):
                     r = workers[name].call("advance", steps=args.steps)
                     runs.append({"repeat": rep, "engine": name, "streams": streams, **r})
                     bar.set_postfix(streams=streams, engine=name, tok_s=f"{r['tok_s']:.1f}")
@@ -137,10 +160,20 @@ def run(args: argparse.Namespace, pool: EnginePool) -> dict[str, Any]:
             "ratio_of_median_steps": spread(step_ratios),
             "meets_target": statistics.median(ratios) >= TARGET if ratios else None,
         }
-        log(f"{streams:>3} streams: plugin/vanilla = {fmt_spread(summary[str(streams)]['ratio'])}")
+        if "vanilla_b" in by:
+            control = [
+                by["vanilla_b"][k]["tok_s"] / by["vanilla"][k]["tok_s"] for k in by["plugin"]
+            ]
+            summary[str(streams)]["control_ratio"] = spread(control)
+        control = summary[str(streams)].get("control_ratio")
+        log(
+            f"{streams:>3} streams: plugin/vanilla = {fmt_spread(summary[str(streams)]['ratio'])}"
+            + (f", control vanilla B/vanilla = {fmt_spread(control)}" if control else "")
+        )
     profiles = {}
     if args.profile:
-        for name, w in workers.items():
+        for name in ("plugin", "vanilla"):
+            w = workers[name]
             w.call("open", streams=args.profile, prompt_len=lens[name], max_tokens=4 * args.steps)
             r = w.call("advance", steps=4 * args.steps - 2, profile=True)
             w.call("close")
@@ -156,7 +189,7 @@ def run(args: argparse.Namespace, pool: EnginePool) -> dict[str, Any]:
     payload = result_envelope(
         "overhead",
         {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        engines={"plugin": plugin_cfg, "vanilla": vanilla_cfg},
+        engines=configs,
         engine_start_s={n: w.ready["start_s"] for n, w in workers.items() if w.ready},
         prompt_lens=lens,
         prefill=prefill,
@@ -178,10 +211,37 @@ def plot(summary: dict[str, Any], path: Path, cached: int) -> None:
     med = [summary[s]["ratio"]["median"] for s in xs]
     lo = [summary[s]["ratio"]["median"] - summary[s]["ratio"]["min"] for s in xs]
     hi = [summary[s]["ratio"]["max"] - summary[s]["ratio"]["median"] for s in xs]
-    ax1.bar(xs, med, yerr=[lo, hi], capsize=5, color="tab:blue")
+    has_control = all("control_ratio" in summary[s] for s in xs)
+    width = 0.4 if has_control else 0.8
+    pos = list(range(len(xs)))
+    ax1.bar(
+        [p - width / 2 * has_control for p in pos],
+        med,
+        width,
+        yerr=[lo, hi],
+        capsize=5,
+        color="tab:blue",
+        label="plugin / vanilla",
+    )
+    if has_control:
+        c = [summary[s]["control_ratio"] for s in xs]
+        ax1.bar(
+            [p + width / 2 for p in pos],
+            [x["median"] for x in c],
+            width,
+            yerr=[[x["median"] - x["min"] for x in c], [x["max"] - x["median"] for x in c]],
+            capsize=5,
+            color="tab:gray",
+            label="control: vanilla B / vanilla",
+        )
+    ax1.set_xticks(pos, xs)
     ax1.axhline(1.0, color="k", lw=0.8)
     ax1.axhline(TARGET, color="tab:red", ls="--", lw=1, label=f"target {TARGET}")
-    ax1.set_ylim(min(0.8, min(summary[s]["ratio"]["min"] for s in xs) - 0.02), 1.1)
+    lows = [summary[s][k]["min"] for s in xs for k in ("ratio", "control_ratio") if k in summary[s]]
+    highs = [
+        summary[s][k]["max"] for s in xs for k in ("ratio", "control_ratio") if k in summary[s]
+    ]
+    ax1.set_ylim(min(0.8, min(lows) - 0.02), max(1.1, max(highs) + 0.02))
     ax1.set_xlabel("concurrent streams")
     ax1.set_ylabel("decode tok/s, plugin / vanilla")
     ax1.set_title(f"Overhead (median, min-max), ~{cached} cached tok/stream")

@@ -135,7 +135,12 @@ def run(args: argparse.Namespace, pool: EnginePool) -> dict[str, Any]:
         if cfg.max_model_len < cache + 128:
             cfg = dataclasses.replace(cfg, max_model_len=cache + 128)
         engines[f"plugin_{window}"] = cfg
-        plugin, vanilla = pool.start(cfg, vanilla_cfg)
+        # Vanilla re-computes over `cache` tokens plus the sampled one: its length must hold them.
+        vcfg = vanilla_cfg
+        if vcfg.max_model_len <= cache:
+            vcfg = dataclasses.replace(vcfg, max_model_len=cfg.max_model_len)
+            engines[f"vanilla_{window}"] = vcfg
+        plugin, vanilla = pool.start(cfg, vcfg)
         plugin.call("decode", streams=1, prompt_len=cache + 64, gen=4)  # warm-up
         vanilla.call("recompute", window=cache, tokens=2)
         methods = {

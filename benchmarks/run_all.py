@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 entry["summary"] = module.run(module.parse_args(bench_argv), pool)
                 entry["status"] = "ok"
-            except Exception:
+            except (Exception, SystemExit):  # SystemExit: a benchmark's argparse refusal
                 entry["status"] = "failed"
                 entry["error"] = traceback.format_exc()[-4000:]
                 log(f"{name} failed:\n{entry['error']}")

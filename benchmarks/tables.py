@@ -49,9 +49,17 @@ def overhead(d: dict[str, Any]) -> str:
                 fmt_spread(s["plugin_tok_s"], 1),
                 f"**{fmt_spread(s['ratio'])}**",
                 fmt_spread(s["ratio_of_median_steps"]),
+                fmt_spread(s["control_ratio"]) if "control_ratio" in s else "-",
             ]
         )
-    head = ["streams", "vanilla tok/s", "plugin tok/s", "plugin / vanilla", "ratio of median steps"]
+    head = [
+        "streams",
+        "vanilla tok/s",
+        "plugin tok/s",
+        "plugin / vanilla",
+        "ratio of median steps",
+        "control: vanilla B / vanilla",
+    ]
     return _table(head, rows)
 
 

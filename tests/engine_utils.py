@@ -62,3 +62,21 @@ def run_script(code: str, env: dict[str, str] | None = None, timeout: int = 900)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert lines, f"no RESULT line:\n{log[-6000:]}"
     return json.loads(lines[-1][len("RESULT ") :]), log
+
+
+def sink_llm(model_dir, sink: int, window: int, max_len: int, **kwargs):
+    """An in-process ``LLM`` with the plugin on, ``max_model_len`` and the model's positions
+    shrunk to ``max_len`` (so "past the model's length" is cheap), 32-token pages."""
+    from vllm import LLM
+
+    args = dict(
+        model=str(model_dir),
+        block_size=32,
+        enforce_eager=True,
+        max_model_len=max_len,
+        hf_overrides={"max_position_embeddings": max_len},
+        seed=0,
+        additional_config={"vllm_sink": {"sink_tokens": sink, "window_tokens": window}},
+    )
+    args.update(kwargs)
+    return LLM(**args)

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from engine_utils import free_blocks, kv_manager
+from engine_utils import free_blocks, kv_manager, sink_llm
 
 SINK, WINDOW, CHUNK, BS = 4, 128, 64, 32
 STREAMS = 16
@@ -19,19 +19,14 @@ POOL_BLOCKS = 60
 
 @pytest.fixture(scope="module")
 def llm(model_dir):
-    from vllm import LLM
-
-    engine = LLM(
-        model=str(model_dir),
-        block_size=BS,
-        enforce_eager=True,
-        max_model_len=512,
-        hf_overrides={"max_position_embeddings": 512},
+    engine = sink_llm(
+        model_dir,
+        SINK,
+        WINDOW,
+        512,
         max_num_seqs=STREAMS,
         max_num_batched_tokens=CHUNK * 4,
         num_gpu_blocks_override=POOL_BLOCKS,
-        seed=0,
-        additional_config={"vllm_sink": {"sink_tokens": SINK, "window_tokens": WINDOW}},
     )
     yield engine
     del engine

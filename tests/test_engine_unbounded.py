@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pytest
 
-from engine_utils import free_blocks, pages_held, prompt_logprobs, run_script
+from engine_utils import free_blocks, pages_held, prompt_logprobs, run_script, sink_llm
 
 SINK, WINDOW, CHUNK, BS, MAX_LEN = 4, 256, 64, 32, 512
 PROMPT, GENERATE = 3072, 5000
@@ -20,19 +20,14 @@ PROMPT, GENERATE = 3072, 5000
 
 @pytest.fixture(scope="module")
 def llm(model_dir):
-    from vllm import LLM
-
-    engine = LLM(
-        model=str(model_dir),
-        block_size=BS,
-        enforce_eager=True,
+    engine = sink_llm(
+        model_dir,
+        SINK,
+        WINDOW,
+        MAX_LEN,
         dtype="bfloat16",
-        max_model_len=MAX_LEN,
-        hf_overrides={"max_position_embeddings": MAX_LEN},
         max_num_batched_tokens=CHUNK,
         max_num_seqs=4,
-        seed=0,
-        additional_config={"vllm_sink": {"sink_tokens": SINK, "window_tokens": WINDOW}},
     )
     yield engine
     del engine

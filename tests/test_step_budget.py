@@ -12,7 +12,7 @@ import gc
 
 import pytest
 
-from engine_utils import free_blocks
+from engine_utils import free_blocks, sink_llm
 
 SINK, WINDOW, BS, MAX_LEN, BUDGET = 4, 256, 32, 512, 1024
 # max_model_len - 1 - (sink page + window + one page) = 511 - 320
@@ -21,18 +21,8 @@ CAP = MAX_LEN - 1 - (BS + WINDOW + BS)
 
 @pytest.fixture(scope="module")
 def llm(model_dir):
-    from vllm import LLM
-
-    engine = LLM(
-        model=str(model_dir),
-        block_size=BS,
-        enforce_eager=True,
-        max_model_len=MAX_LEN,
-        hf_overrides={"max_position_embeddings": MAX_LEN},
-        max_num_batched_tokens=BUDGET,
-        max_num_seqs=8,
-        seed=0,
-        additional_config={"vllm_sink": {"sink_tokens": SINK, "window_tokens": WINDOW}},
+    engine = sink_llm(
+        model_dir, SINK, WINDOW, MAX_LEN, max_num_batched_tokens=BUDGET, max_num_seqs=8
     )
     yield engine
     del engine
