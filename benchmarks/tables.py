@@ -1,15 +1,19 @@
 """Markdown tables of the latest results, generated from the committed JSON files.
 
     .venv/bin/python benchmarks/tables.py [--root benchmarks/results] [--out TABLES.md]
+    .venv/bin/python benchmarks/tables.py --check    # does the README show the results?
 
-Each section reads ``<root>/<benchmark>/results.json`` (skipped when absent) and prints the
-table the README shows; ``benchmarks/README.md`` copies these tables verbatim.
+Each section reads ``<root>/<benchmark>/results.json`` (skipped when absent) and renders the
+table the README shows. ``benchmarks/README.md`` holds each table between the markers
+``<!-- table:NAME -->`` and ``<!-- /table -->``; this script rewrites what is between them, and
+``--check`` fails when the README differs from the committed results.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -218,14 +222,28 @@ SECTIONS: dict[str, Callable[[dict[str, Any]], str]] = {
 }
 
 
+README = Path(__file__).resolve().parent / "README.md"
+_MARKED = re.compile(r"(<!-- table:(\w+) -->\n)(.*?)(<!-- /table -->)", re.S)
+
+
+def section(root: Path, name: str) -> str:
+    """The machine line and table of one benchmark's committed results."""
+    d = json.loads((root / name / "results.json").read_text())
+    return f"{_machine(d)}\n\n{SECTIONS[name](d)}\n"
+
+
+def fill_readme(text: str, root: Path) -> str:
+    """``text`` with every marked table regenerated from ``root``."""
+    return _MARKED.sub(lambda m: m.group(1) + section(root, m.group(2)) + m.group(4), text)
+
+
 def render(root: Path) -> str:
     parts = []
-    for name, fn in SECTIONS.items():
+    for name in SECTIONS:
         path = root / name / "results.json"
         if not path.is_file():
             continue
-        d = json.loads(path.read_text())
-        parts.append(f"### {name}\n\n{_machine(d)}\n\n{fn(d)}\n")
+        parts.append(f"### {name}\n\n{section(root, name)}")
     return "\n".join(parts)
 
 
@@ -233,9 +251,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=RESULTS)
     parser.add_argument("--out", type=Path, default=None, help="default: <root>/TABLES.md")
+    parser.add_argument("--readme", type=Path, default=README)
+    parser.add_argument("--check", action="store_true", help="only compare, write nothing")
     args = parser.parse_args(argv)
     text = render(args.root)
+    readme = args.readme.read_text()
+    filled = fill_readme(readme, args.root)
+    if args.check:
+        ok = filled == readme
+        print("README tables match the results" if ok else f"{args.readme} is stale: rerun")
+        return 0 if ok else 1
     (args.out or args.root / "TABLES.md").write_text(text)
+    args.readme.write_text(filled)
     print(text)
     return 0
 

@@ -145,3 +145,18 @@ def test_tables_render(quick_root):
     text = tables.render(quick_root)
     for name in ENGINE_BENCHMARKS:
         assert f"### {name}" in text
+
+
+def test_readme_tables_match_committed_results():
+    """Every table in benchmarks/README.md is the one the committed results render."""
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "tables.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    readme = (BENCH / "README.md").read_text()
+    for name in [*ENGINE_BENCHMARKS, "peer_llamacpp"]:
+        assert f"<!-- table:{name} -->" in readme, name
