@@ -1,7 +1,7 @@
 """Run the whole benchmark suite: one command, quick (test suite) or full (the README).
 
-    .venv/bin/python benchmarks/run_all.py --quick --out-root /tmp/bench   # ~5 min, tiny sizes
-    .venv/bin/python benchmarks/run_all.py --full                          # ~35 min, README
+    .venv/bin/python benchmarks/run_all.py --quick --out-root /tmp/bench   # ~4.5 min, tiny sizes
+    .venv/bin/python benchmarks/run_all.py --full                          # ~40 min, README
 
 The engine benchmarks share one plugin and one vanilla engine (same sizes by default), so each
 engine starts once. The llama.cpp peer is skipped, with the reason recorded, when
