@@ -37,6 +37,8 @@ from common import (  # noqa: E402
     log,
     plt,
     result_envelope,
+    save_plot,
+    standalone,
     write_command,
     write_csv,
     write_json,
@@ -172,16 +174,11 @@ def plot(raw: dict[str, Any], args: argparse.Namespace, path: Path) -> None:
     ax2.set_ylabel("KV pages in use")
     ax2.set_xlabel("engine step")
     ax2.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    pyplot.close(fig)
+    save_plot(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    with EnginePool(log_dir=args.out / "logs") as pool:
-        run(args, pool)
-    return 0
+    return standalone(parse_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -169,6 +169,21 @@ def plt():
     return pyplot
 
 
+def save_plot(fig: Any, path: Path) -> None:
+    """Write a benchmark's figure as its PNG and free it."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt().close(fig)
+
+
+def standalone(parse_args: Any, run: Any, argv: list[str] | None) -> int:
+    """A benchmark run on its own: its engines live for this run only."""
+    args = parse_args(argv)
+    with EnginePool(log_dir=args.out / "logs") as pool:
+        run(args, pool)
+    return 0
+
+
 def log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 

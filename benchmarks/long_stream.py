@@ -35,6 +35,8 @@ from common import (  # noqa: E402
     log,
     plt,
     result_envelope,
+    save_plot,
+    standalone,
     write_command,
     write_csv,
     write_json,
@@ -181,16 +183,11 @@ def plot(results: dict[str, Any], args: argparse.Namespace, bound: int, path: Pa
     ax2.set_ylabel("KV pages held by stream 0")
     ax2.set_xlabel("position in the stream (tokens)")
     ax2.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    pyplot.close(fig)
+    save_plot(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    with EnginePool(log_dir=args.out / "logs") as pool:
-        run(args, pool)
-    return 0
+    return standalone(parse_args, run, argv)
 
 
 if __name__ == "__main__":

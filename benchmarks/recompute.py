@@ -40,8 +40,10 @@ from common import (  # noqa: E402
     log,
     plt,
     result_envelope,
+    save_plot,
     sink_len,
     spread,
+    standalone,
     write_command,
     write_csv,
     write_json,
@@ -229,16 +231,11 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("ms per output token (median)")
     ax.set_title("Per-token latency: sinks vs sliding window with re-computation")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    pyplot.close(fig)
+    save_plot(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    with EnginePool(log_dir=args.out / "logs") as pool:
-        run(args, pool)
-    return 0
+    return standalone(parse_args, run, argv)
 
 
 if __name__ == "__main__":

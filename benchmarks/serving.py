@@ -39,6 +39,7 @@ from common import (  # noqa: E402
     log,
     plt,
     result_envelope,
+    save_plot,
     spread,
     write_command,
     write_csv,
@@ -259,9 +260,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
         ax.bar(names, med, yerr=[lo, hi], capsize=4, color=["tab:gray", "tab:blue"])
         ax.set_title(label)
     fig.suptitle("vllm bench serve: vllm serve with and without --sink-tokens/--window-tokens")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    pyplot.close(fig)
+    save_plot(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
