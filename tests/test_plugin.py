@@ -31,11 +31,18 @@ if __name__ == "__main__":
 """
 
 
+# Bit-identical results across two engine processes need the same reduction order in both:
+# one OpenMP thread bound to one core makes every kernel's arithmetic order fixed, so identical
+# code gives identical bits (with several threads, split reductions can differ run to run).
+DETERMINISTIC_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0", "OMP_NUM_THREADS": "1"}
+
+
 def _run(model_dir, additional_config: str, plugins: str | None):
     env = {
         "TEST_MODEL": str(model_dir),
         "TEST_ADDITIONAL_CONFIG": additional_config,
         "VLLM_ENABLE_V1_MULTIPROCESSING": "1",
+        **DETERMINISTIC_ENV,
     }
     if plugins is not None:
         env["VLLM_PLUGINS"] = plugins
