@@ -1,5 +1,6 @@
 # One-command set-up and the two entry points the README names.
-#   make run    set up (venv, vLLM, model, corpus) and stream from the embedded model
+#   make run    set up (venv, vLLM, model, corpus), then a streaming chatbot on the embedded model
+#               past max_model_len (RUN_ARGS="--mode text" for the plain text stream)
 #   make test   set up and run the test suite
 # On a machine whose pip cannot find torch==2.13.0+cpu locally, pass the PyTorch CPU index:
 #   make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu
@@ -37,8 +38,7 @@ run: setup
 	$(BIN)/python -m vllm_sink.demo $(RUN_ARGS)
 
 test: setup
-	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
-	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/python -m ruff check .

@@ -12,6 +12,11 @@ translates at the boundary:
   persistent batch, which rebuilds its rows from that state; ``num_computed_tokens`` from the
   scheduler is shifted by the tokens dropped. Prompts longer than the row are kept as
   ``prompt[:sinks] + prompt[ws : ws + room]`` and refilled as the window slides.
+- a new request that continues a stream (a streaming-input session's next chunk, or a request
+  that took over a finished stream's parked pages, :mod:`vllm_sink.parked`) arrives with the
+  stream's logical computed count and every block id; it keeps the stream's dropped tokens,
+  position offset and sink rotation, and only its new tokens are computed. A finished stream's
+  state is parked under its first page and dies when any of its pages is handed out again.
 - ``_prepare_inputs``: after vLLM computed positions (compact slots) and the slot mapping, each
   request's position offset is added, so window keys keep the position they were written with and
   a key is re-rotated only when positions are rebased (see :mod:`vllm_sink.backend`).
@@ -28,6 +33,7 @@ from vllm_sink import geometry
 from vllm_sink.compat import check_vllm_version
 
 _applied = False
+NULL_BLOCK = 0  # vLLM's block pool keeps block 0 as the null block (freed entries point to it)
 
 
 @dataclass
@@ -37,6 +43,17 @@ class StreamState:
     prompt: list[int]  # the logical prompt (or every token, after a preemption)
     dropped: int = 0  # tokens removed from the compact view
     offset: int = 0  # position of compact slot s is s + offset
+    prefilled: int = 0  # prompt tokens computed since the request (or its turn) arrived
+    continued: bool = False  # this turn continues an earlier stream
+
+
+@dataclass(frozen=True)
+class ParkedState:
+    """What the worker needs to continue a finished stream, while its pages are parked."""
+
+    dropped: int
+    offset: int
+    blocks: frozenset[int]
 
 
 @dataclass(frozen=True)
@@ -65,6 +82,10 @@ class StreamTracker:
         self.max_position = hf.max_position_embeddings - 1
         self.max_step = layout.max_step_tokens
         self.streams: dict[str, StreamState] = {}
+        # Finished streams that a later request may continue (vLLM's prefix-caching switch).
+        self.keep_finished = bool(runner.cache_config.enable_prefix_caching)
+        self.parked: dict[int, ParkedState] = {}  # first page -> state
+        self.parked_blocks: dict[int, int] = {}  # page -> first page of its parked stream
 
     def evicted(self, n: int) -> int:
         s = self.settings
@@ -77,6 +98,50 @@ class StreamTracker:
         start = ws if state.dropped else 0
         room = self.row_len - len(head)
         return head + prompt[start : start + room]
+
+    def park(self, req_state, state: StreamState) -> None:
+        rows = req_state.block_ids
+        if not self.keep_finished or not rows or not rows[0]:
+            return
+        first = rows[0][0]
+        self.unpark(first)
+        blocks = frozenset(b for row in rows for b in row)
+        self.parked[first] = ParkedState(state.dropped, state.offset, blocks)
+        for b in blocks:
+            self.parked_blocks[b] = first
+
+    def unpark(self, first: int) -> ParkedState | None:
+        parked = self.parked.pop(first, None)
+        if parked is not None:
+            for b in parked.blocks:
+                if self.parked_blocks.get(b) == first:
+                    del self.parked_blocks[b]
+        return parked
+
+    def reclaim(self, block_ids) -> None:
+        """Pages handed out anew: any parked stream that owned one of them is gone."""
+        for b in block_ids:
+            first = self.parked_blocks.get(b)
+            if first is not None:
+                self.unpark(first)
+
+
+def _continue(tracker: StreamTracker, new, state: StreamState) -> None:
+    """``new`` continues ``state``'s stream: compact its block list and computed count.
+
+    The scheduler sends the logical computed count and every block id, with null entries where
+    pages were freed; it has already freed the pages this step's eviction rule frees.
+    """
+    n = new.num_computed_tokens
+    evicted = tracker.evicted(n)
+    state.prompt = list(new.prompt_token_ids or [])
+    state.offset += evicted - state.dropped
+    state.dropped = evicted
+    state.continued = True
+    first = tracker.sink_len // tracker.block_size
+    skip = evicted // tracker.block_size
+    new.block_ids = tuple(list(ids[:first]) + list(ids[first + skip :]) for ids in new.block_ids)
+    new.num_computed_tokens = n - evicted
 
 
 def _drop(tracker: StreamTracker, runner, req_id: str, state: StreamState, evicted: int) -> None:
@@ -109,12 +174,39 @@ def _drop(tracker: StreamTracker, runner, req_id: str, state: StreamState, evict
 
 def _before_update(tracker: StreamTracker, runner, scheduler_output) -> None:
     for req_id in scheduler_output.finished_req_ids:
-        tracker.streams.pop(req_id, None)
-    for new in scheduler_output.scheduled_new_reqs:
-        state = StreamState(prompt=list(new.prompt_token_ids or []))
-        tracker.streams[new.req_id] = state
-        new.prompt_token_ids = tracker.compact_prompt(state)
+        state = tracker.streams.pop(req_id, None)
+        req_state = runner.requests.get(req_id)
+        if state is not None and req_state is not None:
+            tracker.park(req_state, state)
     cached = scheduler_output.scheduled_cached_reqs
+    fresh_blocks = []
+    for new in scheduler_output.scheduled_new_reqs:
+        state = tracker.streams.get(new.req_id)
+        fresh_blocks.extend(new.block_ids)
+        if new.num_computed_tokens == 0:
+            state = StreamState(prompt=list(new.prompt_token_ids or []))
+        elif state is None:
+            # Took over a finished stream's parked pages (scheduler: SinkWindowManager.resume).
+            # Its first live page is one of the stream's (new pages come after it).
+            page = next(b for b in new.block_ids[0] if b != NULL_BLOCK)
+            parked = tracker.unpark(tracker.parked_blocks.get(page, -1))
+            if parked is None:
+                raise RuntimeError(
+                    f"vllm_sink: request {new.req_id} continues a stream whose worker state "
+                    f"is gone (page {page})"
+                )
+            state = StreamState(prompt=[], dropped=parked.dropped, offset=parked.offset)
+        tracker.streams[new.req_id] = state
+        state.prefilled = 0
+        state.continued = False
+        if new.num_computed_tokens:
+            _continue(tracker, new, state)
+        new.prompt_token_ids = tracker.compact_prompt(state)
+    for ids in fresh_blocks:
+        tracker.reclaim(ids)
+    for ids in cached.new_block_ids:
+        for row in ids or ():
+            tracker.reclaim(row)
     for i, req_id in enumerate(cached.req_ids):
         n = cached.num_computed_tokens[i]
         if req_id in cached.resumed_req_ids:
@@ -151,6 +243,9 @@ def _plan_step(tracker: StreamTracker, runner, num_scheduled_tokens) -> StepPlan
         else:
             rebase.append(0)
         offsets.append(state.offset)
+        start = int(batch.num_computed_tokens_cpu[row]) + state.dropped
+        if start < len(state.prompt):
+            state.prefilled += min(int(num_scheduled_tokens[row]), len(state.prompt) - start)
     return StepPlan(offsets, rebase)
 
 

@@ -55,7 +55,8 @@ def test_patches_applied_only_when_enabled(model_dir):
     assert result["on"] == {**dict.fromkeys(PATCHES, True), "model_runner": False}
     assert result["on_extension"] == "vllm_sink.worker.SinkWorkerExtension"
     assert result["on_scheduler"].endswith("SinkScheduler")
-    assert result["on_prefix_caching"] is False
+    # Prefix caching stays vLLM's switch (on by default): it turns resumed streams on.
+    assert result["on_prefix_caching"] is True
     assert result["worker"] == dict.fromkeys(PATCHES, True)
 
 

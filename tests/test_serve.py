@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -31,6 +32,7 @@ SERVE_ARGS = [
     "--block-size", "32",
     "--enforce-eager",
     "--max-num-batched-tokens", "64",
+    "--enable-prompt-tokens-details",  # usage reports the tokens a resumed stream did not prefill
 ]  # fmt: skip
 
 
@@ -630,6 +632,57 @@ def test_many_parallel_requests(server):
 
     with concurrent.futures.ThreadPoolExecutor(32) as pool:
         assert list(pool.map(one, range(32))) == [6] * 32
+
+
+CHAT_TURNS, CHAT_ANSWER = 50, 24
+
+
+def test_chat_client_resending_history_resumes(server, client, tokenizer):
+    """An OpenAI chat client that resends its whole history each turn, unchanged: the server
+    resumes the finished stream and prefills only the new turn, at a flat cost per turn."""
+    from vllm_sink.assets import long_text
+
+    words = long_text(200_000).split()
+    messages = [{"role": "system", "content": "You answer in one short sentence."}]
+    before = _metrics(server)
+    turns = []
+    for k in range(CHAT_TURNS):
+        messages.append({"role": "user", "content": " ".join(words[80 * k : 80 * k + 80])})
+        start, first, parts, usage = time.monotonic(), None, [], None
+        stream = client.chat.completions.create(
+            model=SERVED,
+            messages=messages,
+            max_tokens=CHAT_ANSWER,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                first = first or time.monotonic() - start
+                parts.append(chunk.choices[0].delta.content)
+            usage = chunk.usage or usage
+        messages.append({"role": "assistant", "content": "".join(parts)})
+        cached = (usage.prompt_tokens_details.cached_tokens or 0) if k else 0
+        turns.append((first, usage.prompt_tokens, cached, usage.completion_tokens))
+    after = _metrics(server)
+    prompts = [t[1] for t in turns]
+    assert prompts[-1] > 20 * WINDOW and prompts[-1] > MAX_MODEL_LEN
+    resumed = [t[2] > 0 for t in turns[1:]]
+    assert sum(resumed) >= 0.95 * len(resumed), resumed
+    # The plugin's own counter agrees with vLLM's usage.
+    assert after["vllm_sink:streams_resumed_total"] - before["vllm_sink:streams_resumed_total"] == (
+        sum(resumed)
+    )
+    # A resumed turn continues from everything the last turn computed (all but its last
+    # sampled token): it prefills only that token and the new messages.
+    for k in range(1, CHAT_TURNS):
+        if turns[k][2]:
+            assert turns[k][2] == turns[k - 1][1] + turns[k - 1][3] - 1, (k, turns[k - 1 : k + 1])
+    ttft = [t[0] for t in turns]
+    early, late = statistics.median(ttft[2:7]), statistics.median(ttft[45:50])
+    print(f"chat TTFT turn 5 {ttft[4]:.3f}s, 50 {ttft[49]:.3f}s; medians {early:.3f} {late:.3f}")
+    assert late <= 1.5 * early
 
 
 def test_no_pages_after_clients_leave(server):

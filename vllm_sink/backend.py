@@ -2,9 +2,9 @@
 
 It wraps the stock ``CPU_ATTN`` backend; the stock paged kernel does the attention. Per step:
 
-- the builder drops the pages the scheduler freed from each block-table row and shortens
-  ``seq_lens`` to match, so the kernel sees ``sb*bs + (n - ws) + q`` tokens laid out as cache
-  slots (the new tokens are still the last ``q``, so the causal mask is unchanged);
+- each block-table row and ``seq_lens`` arrive already compacted by the runner patch
+  (:mod:`vllm_sink.patches.model_runner`), so the kernel sees ``sb*bs + (n - ws) + q`` tokens laid
+  out as cache slots (the new tokens are still the last ``q``, so the causal mask is unchanged);
 - window tokens keep the position they were written with, and the queries keep theirs, so
   their query-to-key distances already equal those of cache-slot positions; only the sink keys
   must move, to sit just before the oldest window token. The impl re-rotates them once per freed
@@ -305,12 +305,14 @@ class SinkCPUAttentionBackendImpl(CPUAttentionBackendImpl):
         num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
         layout = page_layout(layer.isa, kv_cache.dtype, block_size, self.head_size)
         pages = kv_cache.view(num_blocks, num_kv_heads, 2, block_size * self.head_size)
-        blocks, offsets = slots // block_size, slots % block_size
-        raw = pages[blocks]  # [tokens, kv_heads, 2, bs*hs]
+        # Gather each page once (a window spans a few pages, read for many tokens).
+        blocks, where = torch.unique(slots // block_size, return_inverse=True)
+        raw = pages[blocks]  # [pages, kv_heads, 2, bs*hs]
+        offsets = slots % block_size
         out = []
         for i, perm in enumerate(layout):
-            logical = raw[:, :, i, perm].view(len(slots), num_kv_heads, block_size, -1)
-            out.append(logical[torch.arange(len(slots)), :, offsets])
+            logical = raw[:, :, i, perm].view(len(blocks), num_kv_heads, block_size, -1)
+            out.append(logical[where, :, offsets])
         return out[0], out[1]
 
     def _write(self, layer, kv_cache, slots, keys, values) -> None:

@@ -1,7 +1,7 @@
 """Switching the feature on, in the process that builds an engine's config.
 
 Everything goes through public engine arguments: the worker extension (which installs the
-attention backend in each worker), prefix caching off, and the start-up checks that refuse
+attention backend in each worker), async scheduling off, and the start-up checks that refuse
 configurations the plugin does not support, each with a message naming the problem.
 """
 
@@ -47,9 +47,8 @@ def prepare_engine_args(engine_args: Any, settings: SinkSettings) -> None:
     engine_args.scheduler_cls = SCHEDULER
     # The worker compacts requests between steps; tokens in flight would straddle that.
     engine_args.async_scheduling = False
-    if engine_args.enable_prefix_caching:
-        logger.info("vllm_sink: prefix caching turned off (sink pages are re-rotated in place)")
-    engine_args.enable_prefix_caching = False
+    # Prefix caching stays the user's switch: with it on, finished streams are parked and
+    # resumed (vllm_sink.parked); pages are never shared as prefix-cache hits.
 
 
 def step_tokens_per_request(scheduler_config: Any) -> int:
@@ -116,9 +115,11 @@ def finalize_config(vllm_config: Any, settings: SinkSettings) -> None:
     openai_server.apply()
     stat_loggers.apply()
     logger.info(
-        "vllm_sink enabled: sink_tokens=%d (%d page(s) of %d), window_tokens=%d",
+        "vllm_sink enabled: sink_tokens=%d (%d page(s) of %d), window_tokens=%d, "
+        "resumed streams %s (prefix caching)",
         settings.sink_tokens,
         sb,
         block_size,
         settings.window_tokens,
+        "on" if vllm_config.cache_config.enable_prefix_caching else "off",
     )

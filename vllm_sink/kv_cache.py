@@ -3,14 +3,18 @@
 The spec is chosen by the attention backend (``customize_spec``), travels from the workers to
 the engine core, and selects :class:`SinkWindowManager` through vLLM's spec registry. The
 manager frees every page between the sink pages and the window back to the block pool before
-each step (``remove_skipped_blocks``), exactly when the contract says, and never shares pages
-through the prefix cache: the worker re-rotates sink keys in place, so a page's content is not
-a function of its tokens alone (the plugin turns prefix caching off; the manager refuses it).
+each step (``remove_skipped_blocks``), exactly when the contract says.
+
+Pages are never shared through vLLM's prefix cache: the worker re-rotates sink keys in place,
+so a page's content is not a function of its tokens alone. With vLLM's prefix caching switched
+on (its default), a finished request's pages are parked instead (:mod:`vllm_sink.parked`) and a
+later request that extends its tokens continues the stream on them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Any
 
 from vllm.utils.math_utils import cdiv
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
@@ -18,6 +22,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
 from vllm_sink import geometry
+from vllm_sink.parked import ParkedStream, ParkedStreams
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,10 +73,9 @@ class SinkWindowManager(FullAttentionManager):
     kv_cache_spec: SinkWindowSpec
 
     def __init__(self, kv_cache_spec: SinkWindowSpec, **kwargs) -> None:
-        if kwargs.get("enable_caching"):
-            # A sink page's keys depend on how far the window has slid: never a cache hit.
-            raise ValueError("vllm_sink requires prefix caching off (enable_prefix_caching)")
         super().__init__(kv_cache_spec, **kwargs)
+        # vLLM's prefix-caching switch turns on resumed streams (never prefix-cache hits).
+        self.parked = ParkedStreams(self.block_size) if self.enable_caching else None
         # Admission reserves a request's whole prompt when it must fit (vLLM's default
         # scheduler_reserve_full_isl); like sliding-window specs, a request here never holds
         # more than its bounded page count, so that is all it reserves. Without the cap a
@@ -111,6 +115,52 @@ class SinkWindowManager(FullAttentionManager):
         # Every way out of the manager (finish, abort, preemption) goes through here.
         self._evicted.pop(request_id, None)
         return super().pop_blocks_for_free(request_id)
+
+    # -- no prefix-cache hits: a sink page's keys depend on how far its window has slid --------
+
+    @classmethod
+    def find_longest_cache_hit(cls, block_hashes, max_length, kv_cache_group_ids, *args, **kw):
+        return tuple([] for _ in kv_cache_group_ids), 0
+
+    def cache_blocks(self, *args: Any, **kwargs: Any) -> None:
+        # No page is ever registered under its hash, so no other request can hit it.
+        return
+
+    # -- resumed streams ----------------------------------------------------------------------
+
+    def park(self, request: Any) -> bool:
+        """Keep a finished request's pages readable until reused; False if not parkable."""
+        if self.parked is None or request.request_id not in self.req_to_blocks:
+            return False
+        key = self.parked.key_of(
+            request.block_hashes, request.all_token_ids, request.num_computed_tokens
+        )
+        if key is None:
+            return False
+        blocks = self.req_to_blocks.pop(request.request_id)
+        self.num_cached_block.pop(request.request_id, None)
+        stream = ParkedStream(
+            blocks=blocks,
+            num_computed=request.num_computed_tokens,
+            num_evicted_pages=self._evicted.pop(request.request_id, 0),
+            key=key,
+        )
+        self.block_pool.unpin_blocks(self.parked.add(stream), self.parked.on_reuse)
+        return True
+
+    def resume(self, request: Any) -> int:
+        """Give ``request`` the pages of the parked stream it extends; tokens resumed (or 0)."""
+        if self.parked is None or not request.block_hashes:
+            return 0
+        stream = self.parked.find(request.block_hashes, request.all_token_ids, request.num_tokens)
+        if stream is None:
+            return 0
+        self.parked.take(stream)
+        self.block_pool.touch([b for b in stream.blocks if not b.is_null])
+        self.req_to_blocks[request.request_id] = stream.blocks
+        if stream.num_evicted_pages:
+            self._evicted[request.request_id] = stream.num_evicted_pages
+        return stream.num_computed
 
     def num_pages_held(self, request_id: str) -> int:
         """Real (non-null) pages the request holds now."""

@@ -25,6 +25,13 @@ TOKENS_EVICTED = PREFIX + "tokens_evicted"  # cumulative
 PAGES_HELD = PREFIX + "kv_pages_held"  # now, all running requests
 PAGES_HELD_MAX = PREFIX + "kv_pages_per_request_max"  # now, the largest running request
 REQUESTS = PREFIX + "num_requests_running"  # now
+RESUMED = PREFIX + "streams_resumed"  # cumulative: requests that continued a parked stream
+RESUMED_TOKENS = PREFIX + "tokens_resumed"  # cumulative: tokens those requests did not prefill
+RECLAIMED = PREFIX + "parked_streams_reclaimed"  # cumulative: parked streams whose pages went
+PARKED = PREFIX + "parked_streams"  # now
+PARKED_PAGES = PREFIX + "parked_pages"  # now (counted as free by the block pool)
+COUNTERS = (PAGES_FREED, TOKENS_EVICTED, RESUMED, RESUMED_TOKENS, RECLAIMED)
+GAUGES = (PAGES_HELD, PAGES_HELD_MAX, REQUESTS, PARKED, PARKED_PAGES)
 
 
 def scheduler_payload(scheduler: Any) -> dict[str, int]:
@@ -40,6 +47,7 @@ def scheduler_payload(scheduler: Any) -> dict[str, int]:
         return {}
     held = [sum(m.num_pages_held(rid) for m in managers) for rid in scheduler.requests]
     held = [h for h in held if h]
+    parked = [m.parked for m in managers if m.parked is not None]
     return {
         PAGES_FREED: sum(m.pages_freed for m in managers),
         # Only whole pages are evicted; every layer group evicts the same tokens.
@@ -47,6 +55,11 @@ def scheduler_payload(scheduler: Any) -> dict[str, int]:
         PAGES_HELD: sum(held),
         PAGES_HELD_MAX: max(held, default=0),
         REQUESTS: len(held),
+        RESUMED: sum(p.resumed for p in parked),
+        RESUMED_TOKENS: sum(p.resumed_tokens for p in parked),
+        RECLAIMED: sum(p.reclaimed for p in parked),
+        PARKED: sum(len(p) for p in parked),
+        PARKED_PAGES: sum(p.num_pages() for p in parked),
     }
 
 
@@ -70,22 +83,20 @@ class SinkStatLogger(AggregateStatLoggerBase):
         labels = ["model_name", "engine"]
         model = vllm_config.model_config.served_model_name
         self.labels = {idx: [model, str(idx)] for idx in engine_indexes}
-        self.pages_freed = prometheus_client.Counter(
-            PAGES_FREED, "KV pages freed back to the block pool by sink eviction.", labels
-        )
-        self.tokens_evicted = prometheus_client.Counter(
-            TOKENS_EVICTED, "Tokens whose KV entries were evicted (freed pages x block size).",
-            labels,
-        )  # fmt: skip
-        self.pages_held = prometheus_client.Gauge(
-            PAGES_HELD, "KV pages held by all running sink-evicting requests.", labels
-        )
-        self.pages_held_max = prometheus_client.Gauge(
-            PAGES_HELD_MAX, "KV pages held by the largest running request (bounded).", labels
-        )
-        self.requests = prometheus_client.Gauge(
-            REQUESTS, "Running requests holding KV pages.", labels
-        )
+        help_text = {
+            PAGES_FREED: "KV pages freed back to the block pool by sink eviction.",
+            TOKENS_EVICTED: "Tokens whose KV entries were evicted (freed pages x block size).",
+            RESUMED: "Requests that continued a finished stream on its parked pages.",
+            RESUMED_TOKENS: "Tokens those requests did not prefill again.",
+            RECLAIMED: "Parked streams whose pages the block pool handed out again.",
+            PAGES_HELD: "KV pages held by all running sink-evicting requests.",
+            PAGES_HELD_MAX: "KV pages held by the largest running request (bounded).",
+            REQUESTS: "Running requests holding KV pages.",
+            PARKED: "Finished streams whose pages are parked for a later request to continue.",
+            PARKED_PAGES: "Pages of parked streams (free for the block pool, reused last).",
+        }
+        self.counters = {n: prometheus_client.Counter(n, help_text[n], labels) for n in COUNTERS}
+        self.gauges = {n: prometheus_client.Gauge(n, help_text[n], labels) for n in GAUGES}
         # Last cumulative values seen per engine: counters advance by the difference.
         self.seen: dict[int, dict[str, int]] = {idx: {} for idx in engine_indexes}
 
@@ -104,22 +115,17 @@ class SinkStatLogger(AggregateStatLoggerBase):
             return
         labels = self.labels[engine_idx]
         seen = self.seen[engine_idx]
-        for name, counter in (
-            (PAGES_FREED, self.pages_freed),
-            (TOKENS_EVICTED, self.tokens_evicted),
-        ):
+        for name, counter in self.counters.items():
             delta = payload[name] - seen.get(name, 0)
             if delta > 0:
                 counter.labels(*labels).inc(delta)
             seen[name] = payload[name]
-        self.pages_held.labels(*labels).set(payload[PAGES_HELD])
-        self.pages_held_max.labels(*labels).set(payload[PAGES_HELD_MAX])
-        self.requests.labels(*labels).set(payload[REQUESTS])
+        for name, gauge in self.gauges.items():
+            gauge.labels(*labels).set(payload[name])
 
     def log_engine_initialized(self) -> None:
         for labels in self.labels.values():
-            self.pages_held.labels(*labels).set(0)
-            self.pages_held_max.labels(*labels).set(0)
-            self.requests.labels(*labels).set(0)
-            self.pages_freed.labels(*labels)
-            self.tokens_evicted.labels(*labels)
+            for gauge in self.gauges.values():
+                gauge.labels(*labels).set(0)
+            for counter in self.counters.values():
+                counter.labels(*labels)

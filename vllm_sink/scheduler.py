@@ -6,6 +6,11 @@ places (the per-step token bound, ``check_stop``'s length cap, the KV manager's 
 sink eviction a request never holds more than its bounded page count, so the scheduler-side
 length limit is lifted. Workers keep their ``max_model_len``-sized buffers: they see each request
 compacted to ``[sink pages | window pages]`` (``vllm_sink.patches.model_runner``).
+
+With vLLM's prefix caching on, a request that finishes normally parks its pages
+(:meth:`SinkWindowManager.park`), and a new request whose tokens extend a parked stream takes
+them over and waits with the stream's computed tokens, exactly like a streaming-input session's
+next chunk: only its new tokens are scheduled.
 """
 
 from __future__ import annotations
@@ -14,9 +19,11 @@ from typing import Any
 
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.metrics.stats import SchedulerStats
+from vllm.v1.request import Request, RequestStatus
 
 from vllm_sink import metrics
 from vllm_sink.enable import step_tokens_per_request
+from vllm_sink.kv_cache import SinkWindowManager
 
 # Effectively unbounded, and still a plain int for the arithmetic vLLM does with it.
 UNBOUNDED_LEN = 1 << 62
@@ -30,6 +37,32 @@ class SinkScheduler(Scheduler):
         # Per-request step cap (``long_prefill_token_threshold``, set by the plugin so a
         # compacted request's positions fit the model).
         self.step_tokens_per_request = step_tokens_per_request(self.scheduler_config)
+
+    def sink_manager(self) -> SinkWindowManager:
+        (manager,) = self.kv_cache_manager.coordinator.single_type_managers
+        return manager
+
+    def add_request(self, request: Request) -> None:
+        if (
+            request.request_id not in self.requests
+            and request.num_computed_tokens == 0
+            and not request.skip_reading_prefix_cache
+        ):
+            resumed = self.sink_manager().resume(request)
+            if resumed:
+                # Waits like a session's next chunk: only the new tokens get scheduled.
+                request.num_computed_tokens = resumed
+                if request.prefill_stats is not None:
+                    request.prefill_stats.set(request.num_prompt_tokens, resumed, 0)
+                self.kv_cache_manager.record_prefix_cache_stats(request, resumed)
+        super().add_request(request)
+
+    def _free_blocks(self, request: Request) -> None:
+        # Only a stream that ended normally is worth continuing; an aborted one may have been
+        # cut mid-step, and a preempted one never comes through here.
+        if request.status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED):
+            self.sink_manager().park(request)
+        super()._free_blocks(request)
 
     def schedule(self, *args: Any, **kwargs: Any) -> Any:
         running, waiting = self.get_request_counts()

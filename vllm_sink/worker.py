@@ -42,3 +42,30 @@ class SinkWorkerExtension:
             "plugin_registered": plugin.is_registered(),
             "attention_backends": backends,
         }
+
+    def vllm_sink_streams(self) -> dict[str, dict[str, int]]:
+        """Per tracked request: pages held, tokens dropped, position offset, prompt tokens
+        computed since it (or its latest turn) arrived, and whether it continued a stream."""
+        runner = self.model_runner  # type: ignore[attr-defined]
+        tracker = getattr(runner, "_vllm_sink_tracker", None)
+        if tracker is None:
+            return {}
+        out = {}
+        for req_id, state in tracker.streams.items():
+            req = runner.requests.get(req_id)
+            out[req_id] = {
+                "pages": len(req.block_ids[0]) if req is not None and req.block_ids else 0,
+                "dropped": state.dropped,
+                "offset": state.offset,
+                "prefilled": state.prefilled,
+                "continued": int(state.continued),
+                "tokens": len(state.prompt),
+            }
+        return out
+
+    def vllm_sink_parked(self) -> dict[str, int]:
+        """Finished streams whose worker state is kept while their pages are parked."""
+        tracker = getattr(self.model_runner, "_vllm_sink_tracker", None)  # type: ignore[attr-defined]
+        if tracker is None:
+            return {"streams": 0, "pages": 0}
+        return {"streams": len(tracker.parked), "pages": len(tracker.parked_blocks)}

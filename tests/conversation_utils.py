@@ -1,0 +1,40 @@
+"""What a continued stream computes, spelled out for the tests from the contract's words.
+
+A conversation is one stream. Each engine step of the conversation is listed as the tokens it
+processes; the reference (:class:`vllm_sink.reference.StreamingReference`) runs exactly those
+steps, so its log-probabilities are what the engine must produce:
+
+- a new turn's prefill is one step (or several of at most ``cap`` tokens) over the tokens the
+  engine had not computed yet;
+- every generated token but the last of a turn is then computed in its own decode step;
+- the last sampled token of a turn is never computed by that turn. A streaming-input session
+  drops it (vLLM's session update), a client that resends the history computes it as the first
+  token of the next turn's prefill.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+
+def reference_turn(ref, prefill: Sequence[int], outputs: Sequence[int], cap: int):
+    """Run one turn on ``ref``; returns (argmax choices, log-probs of ``outputs``, and the
+    margin between the best and second-best log-prob at each choice).
+
+    The first output is predicted by the last prefill step, output ``j+1`` by the decode step
+    that computes output ``j``.
+    """
+    prefill = list(prefill)
+    predictions = []
+    for i in range(0, len(prefill), cap):
+        logp = ref.step(prefill[i : i + cap])
+    predictions.append(logp[-1])
+    for t in outputs[:-1]:
+        predictions.append(ref.step([t])[-1])
+    choices = [int(torch.argmax(p)) for p in predictions]
+    logprobs = np.array([float(p[t]) for p, t in zip(predictions, outputs, strict=True)])
+    margins = [float(p.topk(2).values[0] - p.topk(2).values[1]) for p in predictions]
+    return choices, logprobs, margins
