@@ -204,6 +204,9 @@ class EngineConfig:
     max_num_batched_tokens: int | None = None
     kv_space_gib: float = 2.0
     dtype: str = "bfloat16"
+    # vLLM's enable_prefix_caching (off in every benchmark but the conversation one; with the
+    # plugin on it parks finished streams and resumes requests that extend them).
+    prefix_caching: bool = False
     # A second engine of the same settings (an A/A control) needs its own process.
     replica: int = 0
 
@@ -213,10 +216,11 @@ class EngineConfig:
 
     @property
     def name(self) -> str:
+        pc = ", prefix caching" if self.prefix_caching else ""
         if not self.plugin:
             copy = f", replica {self.replica}" if self.replica else ""
-            return f"vanilla(mml={self.max_model_len}{copy})"
-        return f"plugin({self.sink_tokens}+{self.window_tokens}, mml={self.max_model_len})"
+            return f"vanilla(mml={self.max_model_len}{pc}{copy})"
+        return f"plugin({self.sink_tokens}+{self.window_tokens}, mml={self.max_model_len}{pc})"
 
 
 class JsonWorker:

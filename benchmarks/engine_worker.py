@@ -51,9 +51,11 @@ class Worker:
             enforce_eager=True,
             max_model_len=cfg["max_model_len"],
             max_num_seqs=cfg["max_num_seqs"],
-            # The plugin turns prefix caching off; vanilla runs without it too, so both engines
-            # do the same work (repeats reuse prompts, which would otherwise hit the cache).
-            enable_prefix_caching=False,
+            # Off unless the config asks for it, for plugin and vanilla alike: repeats reuse
+            # prompts, which would otherwise hit vanilla's cache, so both engines do the same
+            # work. (The plugin keeps vLLM's switch: on, it parks finished streams and resumes a
+            # request that extends one; the conversation benchmark measures that.)
+            enable_prefix_caching=cfg.get("prefix_caching", False),
             seed=0,
             dtype=cfg.get("dtype", "bfloat16"),
             additional_config=extra,
@@ -298,6 +300,56 @@ class Worker:
             "finish_reason": finish,
             "wall_s": time.perf_counter() - t_start,
             "preemptions": self.preemptions,
+        }
+
+    def op_turn(self, prompt_ids: list[int], max_tokens: int) -> dict[str, Any]:
+        """One chat turn: submit ``prompt_ids`` (the whole history) and step it to the end.
+
+        ``ttft_s`` is the wall time from submitting the request to the end of the engine step
+        that returns its first token (the engine streams: every step hands back the tokens it
+        produced); ``turn_s`` runs to its last token. ``num_cached_tokens`` is the request's
+        output field: prompt tokens that were not prefilled (prefix-cache hits, or the tokens
+        of a resumed stream).
+        """
+        from vllm.inputs import TokensPrompt
+
+        rid = f"t{next(self._seq)}"
+        t0 = time.perf_counter()
+        try:
+            prompt = TokensPrompt(prompt_token_ids=list(prompt_ids))
+            self.engine.add_request(rid, prompt, self.params(max_tokens))
+        except Exception as exc:  # vanilla refuses a prompt of max_model_len tokens or more
+            return {"error_on_add": f"{type(exc).__name__}: {exc}"}
+        tokens: list[int] = []
+        ttft = None
+        cached = None
+        finish = None
+        steps = prefill_steps = 0
+        while self.engine.has_unfinished_requests():
+            outs = self.engine.step()
+            steps += 1
+            for out in outs:
+                if out.request_id != rid:
+                    continue
+                tokens += out.outputs[0].token_ids
+                if out.num_cached_tokens is not None:
+                    cached = out.num_cached_tokens
+                if ttft is None and tokens:
+                    ttft = time.perf_counter() - t0
+                    prefill_steps = steps
+                if out.finished:
+                    finish = out.outputs[0].finish_reason
+        return {
+            "ttft_s": ttft,
+            "turn_s": time.perf_counter() - t0,
+            "prompt_len": len(prompt_ids),
+            "num_cached_tokens": cached,
+            "generated": len(tokens),
+            "token_ids": tokens,
+            "finish_reason": finish,
+            "steps": steps,
+            "prefill_steps": prefill_steps,
+            "pages_used_after": self.pages_used(),
         }
 
     def op_recompute(self, window: int, tokens: int, start: int = 5000) -> dict[str, Any]:

@@ -1,11 +1,15 @@
 """Run the whole benchmark suite: one command, quick (test suite) or full (the README).
 
-    .venv/bin/python benchmarks/run_all.py --quick --out-root /tmp/bench   # ~4.5 min, tiny sizes
-    .venv/bin/python benchmarks/run_all.py --full                          # ~40 min, README
+    .venv/bin/python benchmarks/run_all.py --quick --out-root /tmp/bench   # tiny sizes
+    .venv/bin/python benchmarks/run_all.py --full                          # README
 
+Quick: ~6 min on 2 cores (the conversation benchmark 75 s of it). Full: ~40 min before the
+conversation benchmark, plus ~50 for it (estimated; mostly its re-prefill engine's prefill).
 The engine benchmarks share one plugin and one vanilla engine (same sizes by default), so each
-engine starts once. The llama.cpp peer is skipped, with the reason recorded, when
-``llama_cpp`` is not installed (``pip install -e '.[peer]'``, a ~16 minute build on 2 cores).
+engine starts once; the conversation benchmark adds two engines with prefix caching on (in quick
+mode its re-prefill engine is the shared plugin one). The llama.cpp peer is skipped, with the
+reason recorded, when ``llama_cpp`` is not installed (``pip install -e '.[peer]'``, a ~16 minute
+build on 2 cores).
 Writes ``run_all.json`` (what ran, how long, what was skipped) under ``--out-root`` and, for a
 full run into the default folder, regenerates ``benchmarks/results/TABLES.md``.
 """
@@ -24,7 +28,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS, EnginePool, log, machine_info, write_json  # noqa: E402
 
-SUITE = ["overhead", "recompute", "long_stream", "capacity", "serving", "peer_llamacpp"]
+SUITE = [
+    "overhead",
+    "recompute",
+    "long_stream",
+    "capacity",
+    "serving",
+    "peer_llamacpp",
+    "conversation",
+]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -212,6 +212,69 @@ def serving(d: dict[str, Any]) -> str:
     )
 
 
+CONVERSATION_TURNS = (1, 5, 10, 25, 50)
+_CONV = ("plugin_resuming", "plugin_reprefill", "vanilla")
+
+
+def conversation(d: dict[str, Any]) -> str:
+    s, a = d["summary"], d["settings"]
+    rows_by = {n: {r["turn"]: r for r in d["results"][n]["rows"]} for n in _CONV}
+    last = max(max(rows_by[n], default=0) for n in _CONV)
+    stop = s["vanilla_stopped"]
+    # The listed turns up to the last, the last, and vanilla's last turn before it stopped.
+    turns = {t for t in CONVERSATION_TURNS if t <= last} | {last}
+    if stop and stop["turn"] > 1:
+        turns.add(stop["turn"] - 1)
+
+    def cell(name: str, turn: int, key: str, fmt: str) -> str:
+        row = rows_by[name].get(turn)
+        if row is not None:
+            return fmt.format(row[key])
+        return "stopped" if stop and turn >= stop["turn"] else "-"
+
+    rows = []
+    for t in sorted(turns):
+        history = next(rows_by[n][t]["prompt_len"] for n in _CONV if t in rows_by[n])
+        ratio = next((r["ttft_ratio"] for r in s["ttft_ratio_by_turn"] if r["turn"] == t), None)
+        rows.append(
+            [
+                t,
+                history,
+                *(cell(n, t, "ttft_ms", "{:.0f}") for n in _CONV),
+                f"{ratio:.1f}x" if ratio is not None else "-",
+                *(cell(n, t, "prefilled", "{}") for n in _CONV),
+            ]
+        )
+    head = [
+        "turn",
+        "history tokens",
+        "TTFT ms, resuming",
+        "TTFT ms, re-prefill",
+        "TTFT ms, vanilla",
+        "re-prefill / resuming",
+        "prefilled, resuming",
+        "prefilled, re-prefill",
+        "prefilled, vanilla",
+    ]
+    flat = s["resuming_ttft_ms_after_turn_1"]
+    lines = [
+        f"{a['turns']} turns of {a['chunk']} user + {a['answer']} answer tokens; sinks "
+        f"{a['sinks']} + window {a['window']}, max_model_len {a['max_model_len']}.",
+        "",
+        _table(head, rows),
+        "",
+        f"Turn {s['last_turn']}: re-prefill / resuming TTFT **{s['ttft_ratio_last_turn']:.1f}x** "
+        f"(target >= {s['target_ratio_last_turn']:g}x). Resuming TTFT over turns 2-"
+        f"{s['turns_run']['plugin_resuming']}: {fmt_spread(flat, 0, ' ms')}.",
+    ]
+    if stop:
+        lines[-1] += (
+            f" Vanilla stopped at turn {stop['turn']} (history {stop['prompt_len']} tokens, "
+            f"max_model_len {s['max_model_len']})."
+        )
+    return "\n".join(lines)
+
+
 SECTIONS: dict[str, Callable[[dict[str, Any]], str]] = {
     "overhead": overhead,
     "long_stream": long_stream,
@@ -219,6 +282,7 @@ SECTIONS: dict[str, Callable[[dict[str, Any]], str]] = {
     "peer_llamacpp": peer,
     "capacity": capacity,
     "serving": serving,
+    "conversation": conversation,
 }
 
 
@@ -228,7 +292,10 @@ _MARKED = re.compile(r"(<!-- table:(\w+) -->\n)(.*?)(<!-- /table -->)", re.S)
 
 def section(root: Path, name: str) -> str:
     """The machine line and table of one benchmark's committed results."""
-    d = json.loads((root / name / "results.json").read_text())
+    path = root / name / "results.json"
+    if not path.is_file():  # a benchmark added since the last full run
+        return f"_Not run yet: no `results/{name}/results.json`._\n"
+    d = json.loads(path.read_text())
     return f"{_machine(d)}\n\n{SECTIONS[name](d)}\n"
 
 

@@ -19,10 +19,11 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
 HAVE_LLAMA = importlib.util.find_spec("llama_cpp") is not None
-ENGINE_BENCHMARKS = ["overhead", "long_stream", "capacity", "recompute", "serving"]
+ENGINE_BENCHMARKS = ["overhead", "long_stream", "capacity", "recompute", "serving", "conversation"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
-# 4.5 minutes on 2 idle cores (timed 2026-11-29); far longer when other jobs share the CPU.
+# 4.5 minutes on 2 idle cores (timed 2026-11-29); 6 minutes with the conversation benchmark
+# (75 s of it; timed 2026-11-30, CPU lightly shared); far longer when other jobs share the CPU.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3000)]
 
 
@@ -121,6 +122,46 @@ def test_serving_numbers(quick_root):
     for run in data["runs"]:
         assert run["completed"] == data["settings"]["num_prompts"], run
         assert run["output_throughput"] > 0 and run["median_itl_ms"] > 0
+
+
+def test_conversation_numbers(quick_root):
+    data = _results(quick_root, "conversation")
+    a, s, res = data["settings"], data["summary"], data["results"]
+    assert set(res) == {"plugin_resuming", "plugin_reprefill", "vanilla"}
+    mml, answer, page = a["max_model_len"], a["answer"], 32
+    for name, r in res.items():
+        prev = 0  # every turn resends the history: the last prompt, its answer, a new chunk
+        for row in r["rows"]:
+            assert row["generated"] == answer, (name, row)
+            assert row["prompt_len"] == prev + row["chunk_tokens"], (name, row)
+            prev = row["prompt_len"] + answer
+    for name in ("plugin_resuming", "plugin_reprefill"):
+        rows = res[name]["rows"]
+        assert [row["turn"] for row in rows] == list(range(1, a["turns"] + 1)), name
+        assert res[name]["stopped"] is None and rows[-1]["prompt_len"] > mml, name
+    resuming = res["plugin_resuming"]["rows"]
+    assert resuming[0]["prefilled"] == resuming[0]["prompt_len"]
+    for row in resuming[1:]:
+        # Resumed: the new chunk plus the last answer token (sampled, never run through the model).
+        assert row["prefilled"] == row["chunk_tokens"] + 1, row
+    for row in res["plugin_reprefill"]["rows"]:
+        assert row["num_cached_tokens"] == 0 and row["prefilled"] == row["prompt_len"], row
+    vanilla, stop = res["vanilla"]["rows"], res["vanilla"]["stopped"]
+    assert vanilla and stop and stop["turn"] == len(vanilla) + 1, stop
+    assert vanilla[-1]["prompt_len"] + answer <= mml < stop["prompt_len"] + answer, stop
+    for i, row in enumerate(vanilla[1:]):  # prefix caching on: whole computed pages hit
+        computed = vanilla[i]["prompt_len"] + answer - 1
+        assert row["num_cached_tokens"] == computed // page * page, row
+    ttft = {n: {row["turn"]: row["ttft_ms"] for row in res[n]["rows"]} for n in res}
+    ratios = s["ttft_ratio_by_turn"]
+    assert [r["turn"] for r in ratios] == list(range(1, a["turns"] + 1))
+    for r in ratios:
+        t = r["turn"]
+        assert r["ttft_ratio"] == pytest.approx(
+            ttft["plugin_reprefill"][t] / ttft["plugin_resuming"][t]
+        )
+    assert s["last_turn"] == a["turns"]
+    assert s["ttft_ratio_last_turn"] == pytest.approx(ratios[-1]["ttft_ratio"])
 
 
 def test_peer_llamacpp(quick_root):
