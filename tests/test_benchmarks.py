@@ -22,8 +22,8 @@ HAVE_LLAMA = importlib.util.find_spec("llama_cpp") is not None
 ENGINE_BENCHMARKS = ["overhead", "long_stream", "capacity", "recompute", "serving", "conversation"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
-# 4.5 minutes on 2 idle cores (timed 2026-11-29); 6 minutes with the conversation benchmark
-# (75 s of it; timed 2026-11-30, CPU lightly shared); far longer when other jobs share the CPU.
+# About 6 minutes on 2 idle cores, 75 s of it the conversation benchmark; the timeout leaves
+# room for a machine whose cores are busy with other work.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3000)]
 
 

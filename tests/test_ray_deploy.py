@@ -415,10 +415,10 @@ def cluster(model_dir, tmp_path) -> Iterator[Cluster]:
         # A replica killed hard leaves vLLM's engine process (its child) running, holding the
         # model and the KV cache; with this the raylet kills a dead worker's descendants.
         "RAY_kill_child_processes_on_worker_exit_with_raylet_subreaper": "true",
-        # Both "nodes" share this machine's cores with whatever else runs here. vLLM's default
-        # pins each CPU engine's OpenMP threads to core 0 (as other engines on this machine do),
-        # and Ray nices its workers to 15, so a pinned, niced engine can starve for minutes:
-        # one unpinned thread per engine at normal priority instead.
+        # Both "nodes" run on one machine's cores, next to the test itself. vLLM's default pins
+        # each CPU engine's OpenMP threads to core 0, and Ray nices its workers to 15, so a
+        # pinned, niced engine can starve behind any other busy process on that core for
+        # minutes: one unpinned thread per engine at normal priority instead.
         "VLLM_CPU_OMP_THREADS_BIND": "nobind",
         "OMP_NUM_THREADS": "1",
         "RAY_worker_niceness": "0",

