@@ -36,5 +36,5 @@ def reference_turn(ref, prefill: Sequence[int], outputs: Sequence[int], cap: int
         predictions.append(ref.step([t])[-1])
     choices = [int(torch.argmax(p)) for p in predictions]
     logprobs = np.array([float(p[t]) for p, t in zip(predictions, outputs, strict=True)])
-    margins = [float(p.topk(2).values[0] - p.topk(2).values[1]) for p in predictions]
+    margins = [float(-torch.diff(p.topk(2).values)) for p in predictions]
     return choices, logprobs, margins

@@ -36,6 +36,7 @@ class ParkedStreams:
         # Last-full-page hash -> tokens after it -> stream.
         self._by_hash: dict[Any, dict[tuple[int, ...], ParkedStream]] = {}
         self._by_block: dict[int, ParkedStream] = {}
+        self._count = 0  # parked streams (read every step by the metrics)
         # Counters (exported as vllm_sink:* metrics).
         self.parked = 0
         self.resumed = 0
@@ -43,7 +44,7 @@ class ParkedStreams:
         self.reclaimed = 0
 
     def __len__(self) -> int:
-        return sum(len(tails) for tails in self._by_hash.values())
+        return self._count
 
     def num_pages(self) -> int:
         return len(self._by_block)
@@ -63,6 +64,7 @@ class ParkedStreams:
         if old is not None:  # the same history finished twice: keep the newer pages
             self._forget(old)
         self._by_hash.setdefault(block_hash, {})[tail] = stream
+        self._count += 1
         real = [b for b in stream.blocks if not b.is_null]
         for block in real:
             self._by_block[block.block_id] = stream
@@ -97,6 +99,7 @@ class ParkedStreams:
         tails = self._by_hash.get(block_hash, {})
         if tails.get(tail) is stream:
             del tails[tail]
+            self._count -= 1
             if not tails:
                 del self._by_hash[block_hash]
         for block in stream.blocks:
