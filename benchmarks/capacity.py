@@ -33,6 +33,7 @@ from common import (  # noqa: E402
     EnginePool,
     add_engine_args,
     engine_configs,
+    engine_facts,
     finish_engine_args,
     log,
     plt,
@@ -43,6 +44,8 @@ from common import (  # noqa: E402
     write_csv,
     write_json,
 )
+
+from vllm_sink import geometry  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -98,7 +101,7 @@ def run(args: argparse.Namespace, pool: EnginePool) -> dict[str, Any]:
         raise SystemExit(f"stream length {length} > max_model_len {args.max_model_len}")
     prompt_len = length - args.decode
     per_stream = {
-        "plugin": math.ceil(args.sinks / BLOCK_SIZE) + math.ceil(args.window / BLOCK_SIZE) + 1,
+        "plugin": geometry.max_pages(args.sinks, args.window, BLOCK_SIZE),
         "vanilla": math.ceil(length / BLOCK_SIZE),
     }
     results: dict[str, Any] = {}
@@ -141,6 +144,7 @@ def run(args: argparse.Namespace, pool: EnginePool) -> dict[str, Any]:
         "capacity",
         {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         engines={"plugin": plugin_cfg, "vanilla": vanilla_cfg},
+        engine_facts=engine_facts({"plugin": plugin, "vanilla": vanilla}),
         summary=summary,
         results=results,
     )

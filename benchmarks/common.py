@@ -365,6 +365,12 @@ def alternate(rep: int, index: int, names: Sequence[str]) -> list[str]:
     return list(names) if (rep + index) % 2 == 0 else list(reversed(names))
 
 
+def engine_facts(workers: dict[str, JsonWorker]) -> dict[str, dict[str, Any]]:
+    """What each engine reported about itself once built (``engine_worker.Worker.op_info``):
+    recorded beside the configs asked for, so a result shows which engines it compared."""
+    return {name: dict(w.ready or {}) for name, w in workers.items()}
+
+
 def result_envelope(name: str, args: Any, **extra: Any) -> dict[str, Any]:
     """The common header of every ``results.json``."""
     return {
@@ -379,9 +385,9 @@ def result_envelope(name: str, args: Any, **extra: Any) -> dict[str, Any]:
 
 # The sizes every benchmark uses by default, so run_all.py can share the engines between them:
 # full (for the README) and quick (for the test suite, tiny).
-# Sized for a shared 2-core AVX2 CPU, where bf16 prefill runs at 20-100 tokens/s: a 32-token
-# window keeps the prefill of 64 streams affordable while every stream still runs far past the
-# window (and, in the long-stream and serving runs, far past max_model_len).
+# Sized for vLLM's CPU backend on 2 AVX2 cores, where bf16 prefill runs at 20-100 tokens/s: a
+# 32-token window keeps the prefill of 64 streams affordable while every stream still runs far
+# past the window (and, in the long-stream and serving runs, far past max_model_len).
 FULL = {"window": 32, "max_model_len": 256, "kv_space": 1.0}
 QUICK = {"window": 32, "max_model_len": 256, "kv_space": 1.0}
 

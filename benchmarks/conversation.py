@@ -44,6 +44,7 @@ from common import (  # noqa: E402
     EnginePool,
     add_engine_args,
     engine_configs,
+    engine_facts,
     finish_engine_args,
     log,
     plt,
@@ -72,8 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--chunk", type=int, default=None, help="user tokens per turn")
     parser.add_argument("--answer", type=int, default=None, help="generated tokens per turn")
     parser.add_argument("--start", type=int, default=2000, help="first text token of the chat")
-    # float32 in the full run: on this CPU build a bf16 prefill costs ~13 ms a token (about a
-    # decode step), so re-prefilling 50 growing histories in bf16 would take ~40 minutes.
+    # float32 in the full run: with vLLM's CPU backend on 2 AVX2 cores a bf16 prefill costs ~13 ms
+    # a token (about a decode step), so re-prefilling 50 growing histories in bf16 takes ~40 min.
     parser.add_argument("--dtype", default=None, help="engine dtype (full run: float32)")
     args = parser.parse_args(argv)
     if args.quick:
@@ -195,6 +196,7 @@ def run(args: argparse.Namespace, pool: EnginePool) -> dict[str, Any]:
         "conversation",
         {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         engines=configs,
+        engine_facts=engine_facts(workers),
         summary=summary,
         results=results,
     )

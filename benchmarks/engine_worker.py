@@ -149,7 +149,22 @@ class Worker:
     # ------------------------------------------------------------------ operations
 
     def op_info(self) -> dict[str, Any]:
-        return {"num_pages": self.pool.num_gpu_blocks - 1, "build_s": self.build_s}
+        """Start-up facts, read back from the engine as built (not from the config asked for):
+        its pool, the KV manager its scheduler runs, the sink settings of its KV-cache spec."""
+        spec = self.manager.kv_cache_spec
+        config = self.engine.vllm_config
+        return {
+            "num_pages": self.pool.num_gpu_blocks - 1,
+            "build_s": self.build_s,
+            "kv_manager": type(self.manager).__name__,
+            "kv_spec": type(spec).__name__,
+            "sink_tokens": getattr(spec, "sink_tokens", None),
+            "window_tokens": getattr(spec, "window_tokens", None),
+            "block_size": spec.block_size,
+            "max_model_len": config.model_config.max_model_len,
+            "dtype": str(config.model_config.dtype).removeprefix("torch."),
+            "prefix_caching": bool(config.cache_config.enable_prefix_caching),
+        }
 
     def op_decode(
         self,

@@ -18,7 +18,6 @@ step) and ``long_stream.png`` (latency and pages against position).
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 from pathlib import Path
@@ -31,6 +30,7 @@ from common import (  # noqa: E402
     EnginePool,
     add_engine_args,
     engine_configs,
+    engine_facts,
     finish_engine_args,
     log,
     plt,
@@ -41,6 +41,8 @@ from common import (  # noqa: E402
     write_csv,
     write_json,
 )
+
+from vllm_sink import geometry  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -79,7 +81,7 @@ def run(args: argparse.Namespace, pool: EnginePool) -> dict[str, Any]:
     plugin_cfg, vanilla_cfg = engine_configs(args)
     plugin, vanilla = pool.start(plugin_cfg, vanilla_cfg)
     target = int(args.multiple * args.window)
-    bound = math.ceil(args.sinks / BLOCK_SIZE) + math.ceil(args.window / BLOCK_SIZE) + 1
+    bound = geometry.max_pages(args.sinks, args.window, BLOCK_SIZE)
     results: dict[str, Any] = {}
     for name, worker in (("plugin", plugin), ("vanilla", vanilla)):
         common = {"prompt_len": args.prompt_len, "streams": args.streams}
@@ -146,6 +148,7 @@ def run(args: argparse.Namespace, pool: EnginePool) -> dict[str, Any]:
         "long_stream",
         {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         engines={"plugin": plugin_cfg, "vanilla": vanilla_cfg},
+        engine_facts=engine_facts({"plugin": plugin, "vanilla": vanilla}),
         summary=summary,
         results=results,
     )

@@ -37,6 +37,7 @@ from common import (  # noqa: E402
     add_engine_args,
     alternate,
     engine_configs,
+    engine_facts,
     finish_engine_args,
     fmt_spread,
     log,
@@ -130,8 +131,9 @@ def run(args: argparse.Namespace, pool: EnginePool) -> dict[str, Any]:
         total = args.repeats * len(args.streams) * 2
         with tqdm(total=total, desc="peer", unit="run", file=sys.stderr) as bar:
             for idx, streams in enumerate(args.streams):
-                # The plugin prefills once and decodes in segments (its prefill is slow on this
-                # CPU); llama.cpp re-prefills each time (fast), and shifts within a few steps.
+                # The plugin prefills once and decodes in segments (bf16 prefill is slow on vLLM's
+                # CPU backend); llama.cpp re-prefills each time (fast), and shifts within a few
+                # steps.
                 plugin.call("open", streams=streams, prompt_len=plugin_prompt,
                             max_tokens=args.repeats * args.gen + 8)  # fmt: skip
                 plugin.call("advance", steps=1)
@@ -170,6 +172,7 @@ def run(args: argparse.Namespace, pool: EnginePool) -> dict[str, Any]:
         "peer_llamacpp",
         {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         engines={"plugin": plugin_cfg},
+        engine_facts=engine_facts({"plugin": plugin}),
         llama_cpp={
             "gguf": gguf.name,
             "version": importlib.metadata.version("llama_cpp_python"),

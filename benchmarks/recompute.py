@@ -35,6 +35,7 @@ from common import (  # noqa: E402
     add_engine_args,
     alternate,
     engine_configs,
+    engine_facts,
     finish_engine_args,
     fmt_spread,
     log,
@@ -131,6 +132,7 @@ def run(args: argparse.Namespace, pool: EnginePool) -> dict[str, Any]:
     runs: list[dict[str, Any]] = []
     summary: dict[str, Any] = {}
     engines: dict[str, Any] = {"vanilla": vanilla_cfg}
+    started: dict[str, Any] = {}  # name in ``engines`` -> its worker
     for window in args.windows:
         cache = sink_len(args.sinks) + window
         cfg = dataclasses.replace(base_plugin, window_tokens=window)
@@ -138,11 +140,13 @@ def run(args: argparse.Namespace, pool: EnginePool) -> dict[str, Any]:
             cfg = dataclasses.replace(cfg, max_model_len=cache + 128)
         engines[f"plugin_{window}"] = cfg
         # Vanilla re-computes over `cache` tokens plus the sampled one: its length must hold them.
-        vcfg = vanilla_cfg
+        vcfg, vname = vanilla_cfg, "vanilla"
         if vcfg.max_model_len <= cache:
             vcfg = dataclasses.replace(vcfg, max_model_len=cfg.max_model_len)
-            engines[f"vanilla_{window}"] = vcfg
+            vname = f"vanilla_{window}"
+            engines[vname] = vcfg
         plugin, vanilla = pool.start(cfg, vcfg)
+        started[f"plugin_{window}"], started[vname] = plugin, vanilla
         plugin.call("decode", streams=1, prompt_len=cache + 64, gen=4)  # warm-up
         vanilla.call("recompute", window=cache, tokens=2)
         methods = {
@@ -193,6 +197,7 @@ def run(args: argparse.Namespace, pool: EnginePool) -> dict[str, Any]:
         "recompute",
         {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         engines=engines,
+        engine_facts=engine_facts(started),
         paper_max_speedup=PAPER_MAX_SPEEDUP,
         summary=summary,
         runs=runs,

@@ -415,10 +415,11 @@ def cluster(model_dir, tmp_path) -> Iterator[Cluster]:
         # A replica killed hard leaves vLLM's engine process (its child) running, holding the
         # model and the KV cache; with this the raylet kills a dead worker's descendants.
         "RAY_kill_child_processes_on_worker_exit_with_raylet_subreaper": "true",
-        # Both "nodes" run on one machine's cores, next to the test itself. vLLM's default pins
-        # each CPU engine's OpenMP threads to core 0, and Ray nices its workers to 15, so a
-        # pinned, niced engine can starve behind any other busy process on that core for
-        # minutes: one unpinned thread per engine at normal priority instead.
+        # Both "nodes" run on one host, next to the test process, so their two engines share
+        # its cores. vLLM's default pins each CPU engine's OpenMP threads to core 0 and Ray
+        # nices its workers to 15: the two replicas' engines would then share one core at low
+        # priority, behind the test and the Ray processes. One unpinned thread per engine at
+        # normal priority instead.
         "VLLM_CPU_OMP_THREADS_BIND": "nobind",
         "OMP_NUM_THREADS": "1",
         "RAY_worker_niceness": "0",
@@ -546,7 +547,9 @@ def _took_requests(cluster: Cluster, replica: dict) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(2400)  # the CPU is shared: an engine start takes minutes under load
+# Two CPU engines start (the replicas wait up to 20 minutes for them), then streams, a replica
+# kill and the shutdown, each with its own deadline below.
+@pytest.mark.timeout(2400)
 def test_two_node_cluster_serves_sink_streams(cluster: Cluster, model_dir: Path):
     import openai
 
@@ -648,10 +651,11 @@ def test_two_node_cluster_serves_sink_streams(cluster: Cluster, model_dir: Path)
     ours = {p.pid for p in cluster.snapshot()}  # while the raylets still hold their children
     foreign = [p for p in _ray_processes() if p.pid not in ours]
     if foreign:
-        # `ray stop` stops every Ray process on the machine; another Ray runs here, so stop
-        # only this cluster's processes, by pid.
+        # `ray stop` stops every Ray process on the machine, including a Ray this test did not
+        # start; with one running, stop only this cluster's processes, by pid.
         warnings.warn(
-            f"another Ray runs here; not calling ray stop:\n{_describe(foreign)}", stacklevel=1
+            f"another Ray runs on this host; not calling ray stop:\n{_describe(foreign)}",
+            stacklevel=1,
         )
         _stop_cluster(cluster)
     else:

@@ -25,6 +25,8 @@ import sys
 import time
 from typing import Any
 
+from vllm_sink import geometry
+
 BLOCK_SIZE = 32
 CHAT_ID = "chat"
 SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
@@ -64,9 +66,7 @@ QUESTIONS: tuple[str, ...] = (
 
 def page_bound(sinks: int, window: int, block_size: int = BLOCK_SIZE) -> int:
     """The contract's bound on pages one stream holds: sink pages + window pages + one open."""
-    from vllm_sink.settings import SinkSettings
-
-    return SinkSettings(sink_tokens=sinks, window_tokens=window).max_pages(block_size)
+    return geometry.max_pages(sinks, window, block_size)
 
 
 def chat_chunks(tokenizer: Any, questions: list[str], system: str) -> list[list[int]]:

@@ -16,6 +16,17 @@ def sink_pages(sink_tokens: int, block_size: int) -> int:
     return math.ceil(sink_tokens / block_size)
 
 
+def max_pages(sink_tokens: int, window_tokens: int, block_size: int) -> int:
+    """The contract's bound on the pages one request holds, at any stream length:
+    ``sb + ceil(W / bs) + 1``.
+
+    The sink pages, plus the pages the window straddles: a page is freed only once all its
+    tokens are older than the window, so ``W`` recent tokens can span ``ceil(W / bs) + 1``
+    pages. The pages of a step's tokens in flight come on top.
+    """
+    return sink_pages(sink_tokens, block_size) + math.ceil(window_tokens / block_size) + 1
+
+
 def first_window_token(n: int, sink_tokens: int, window_tokens: int, block_size: int) -> int:
     """First surviving non-sink token before a step at ``n``: ``max(sb, (n - W) // bs) * bs``.
 

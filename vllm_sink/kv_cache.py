@@ -40,12 +40,8 @@ class SinkWindowSpec(FullAttentionSpec):
 
     def max_pages_per_request(self) -> int:
         """Pages one request can hold at once: the contract's bound plus one step's tokens."""
-        return (
-            self.num_sink_pages
-            + cdiv(self.window_tokens, self.block_size)
-            + 1
-            + cdiv(self.max_step_tokens, self.block_size)
-        )
+        bound = geometry.max_pages(self.sink_tokens, self.window_tokens, self.block_size)
+        return bound + cdiv(self.max_step_tokens, self.block_size)
 
     def max_memory_usage_bytes(self, vllm_config) -> int:
         full = super().max_memory_usage_bytes(vllm_config)

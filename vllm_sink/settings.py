@@ -35,8 +35,10 @@ class SinkSettings(BaseModel):
         return math.ceil(self.sink_tokens / block_size)
 
     def max_pages(self, block_size: int) -> int:
-        """Pages one request holds between steps: ``sb + ceil(window / bs) + 1``."""
-        return self.sink_pages(block_size) + math.ceil(self.window_tokens / block_size) + 1
+        """Pages one request holds between steps (:func:`vllm_sink.geometry.max_pages`)."""
+        from vllm_sink import geometry
+
+        return geometry.max_pages(self.sink_tokens, self.window_tokens, block_size)
 
 
 def _describe(err: ValidationError) -> str:
