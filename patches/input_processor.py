@@ -5,7 +5,10 @@ vLLM rejects such prompts in the frontend before the engine sees them; no public
 limit per engine. With sink eviction a prompt of any length streams through chunked prefill in
 bounded memory, so the length check is skipped for engines whose config enables ``vllm_sink``
 (the empty-prompt check stays). An omitted ``max_tokens`` keeps vLLM's default
-(``max_model_len - prompt_len``), floored at 1 so a long prompt still gets an answer.
+(``max_model_len - prompt_len``), floored at 1 so a long prompt still gets an answer
+(:func:`default_max_tokens`, the one place this rule lives); it is written into a copy of the
+caller's ``SamplingParams``, never the caller's object. A seeded request whose prompt would be
+prefilled in chunks is refused (:func:`check_seeded_prompt`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,32 @@ from vllm_sink.compat import check_vllm_version
 from vllm_sink.settings import CONFIG_KEY
 
 _applied = False
+
+
+def default_max_tokens(max_model_len: int, prompt_len: int) -> int:
+    """``max_tokens`` for a request that gave none: vLLM's default, floored at 1."""
+    return max(max_model_len - prompt_len, 1)
+
+
+def check_seeded_prompt(vllm_config, params, prompt_len: int) -> None:
+    """Refuse a seeded request whose prompt is prefilled in more than one chunk.
+
+    vLLM 0.32's CPU runner rewinds a seeded request's generator after each partial-prefill
+    step, which the CPU generator does not support: the engine crashes (vanilla vLLM too, once a
+    prompt is chunked). Eviction caps every request's chunk, so the request is refused here, with
+    a message naming the setting, instead of taking the engine down.
+    """
+    from vllm_sink.enable import step_tokens_per_request
+
+    if getattr(params, "seed", None) is None:
+        return
+    cap = step_tokens_per_request(vllm_config.scheduler_config)
+    if prompt_len > cap:
+        raise ValueError(
+            f"vllm_sink: a request with `seed` may not have a prompt longer than one prefill "
+            f"chunk ({prompt_len} > {cap} tokens): vLLM's CPU runner cannot replay a seeded "
+            "generator across chunks"
+        )
 
 
 def _enabled(processor) -> bool:
@@ -38,12 +67,15 @@ def apply() -> None:
             params = getattr(self, "_vllm_sink_params", None)
             if getattr(params, "max_tokens", 0) is None:
                 # vLLM's default, computed here where the prompt length is known.
-                params.max_tokens = max(self.model_config.max_model_len - prompt_len, 1)
+                params.max_tokens = default_max_tokens(self.model_config.max_model_len, prompt_len)
+            check_seeded_prompt(self.vllm_config, params, prompt_len)
             return None
         return original_validate(self, prompt_len, prompt_type)
 
     @functools.wraps(original_process)
     def process_inputs(self, request_id, prompt, params, *args, **kwargs):
+        if getattr(params, "max_tokens", 0) is None and _enabled(self):
+            params = params.clone()  # the default goes into a copy, not the caller's object
         self._vllm_sink_params = params
         try:
             return original_process(self, request_id, prompt, params, *args, **kwargs)

@@ -1,5 +1,6 @@
-"""Patch ``GPUModelRunner._update_states`` and ``_prepare_inputs`` (V1 runner; the CPU runner
-inherits both): each request is kept compacted to ``[sink tokens | window tokens]``.
+"""Patch ``GPUModelRunner._update_states``, ``_prepare_inputs`` and ``_get_prompt_logprobs_dict``
+(V1 runner; the CPU runner inherits them) and ``CPUModelRunner.load_model``: each request is
+kept compacted to ``[sink tokens | window tokens]``.
 
 The runner sizes a request's token row and block-table row by ``max_model_len`` and derives
 positions, slot mapping and ``seq_lens`` from ``num_computed_tokens``; an unbounded stream
@@ -19,13 +20,21 @@ translates at the boundary:
   state is parked under its first page and dies when any of its pages is handed out again.
 - ``_prepare_inputs``: after vLLM computed positions (compact slots) and the slot mapping, each
   request's position offset is added, so window keys keep the position they were written with and
-  a key is re-rotated only when positions are rebased (see :mod:`vllm_sink.backend`).
+  a key is re-rotated only when positions are rebased (see :mod:`vllm_sink.backend`). The step's
+  plan (offsets, rebases) is handed to each of the runner's attention
+  metadata builders, and a builder that did not use the previous one is an error.
+- ``load_model``: the sink backend is registered for ``CPU_ATTN`` only while this runner builds its
+  model (and vLLM's backend-selection cache is cleared around it), so an engine built later in
+  the same process without ``vllm_sink`` gets the stock backend; each attention layer is then
+  given its module's own rotary embedding (:func:`vllm_sink.backend.bind_model_ropes`).
 
-Model Runner V2 (CUDA) needs its own counterpart; this module guards against being applied to it.
+Every wrapper passes straight through for runners whose config does not enable ``vllm_sink``.
+Model Runner V2 (CUDA) would need its own counterpart; ``vllm_sink.enable`` refuses it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -45,6 +54,8 @@ class StreamState:
     offset: int = 0  # position of compact slot s is s + offset
     prefilled: int = 0  # prompt tokens computed since the request (or its turn) arrived
     continued: bool = False  # this turn continues an earlier stream
+    sink_key: int = -1  # first page: keys the backend's sink state (-1: none yet)
+    own_params: bool = False  # the runner's sampling params are this worker's own copy
 
 
 @dataclass(frozen=True)
@@ -54,14 +65,6 @@ class ParkedState:
     dropped: int
     offset: int
     blocks: frozenset[int]
-
-
-@dataclass(frozen=True)
-class StepPlan:
-    """Per batch row, for the attention backend: position offsets and pending rebases."""
-
-    offsets: list[int]
-    rebase: list[int]  # per row: old offset whose window keys must be rotated back (0: none)
 
 
 class StreamTracker:
@@ -86,6 +89,13 @@ class StreamTracker:
         self.keep_finished = bool(runner.cache_config.enable_prefix_caching)
         self.parked: dict[int, ParkedState] = {}  # first page -> state
         self.parked_blocks: dict[int, int] = {}  # page -> first page of its parked stream
+        # First pages of streams that ended (finished, preempted, parked state reclaimed):
+        # their sink state in the backend is freed before the step is built.
+        self.released: list[int] = []
+
+    def release(self, state: StreamState | None) -> None:
+        if state is not None and state.sink_key >= 0 and self.sink_len:
+            self.released.append(state.sink_key)
 
     def evicted(self, n: int) -> int:
         s = self.settings
@@ -99,18 +109,21 @@ class StreamTracker:
         room = self.row_len - len(head)
         return head + prompt[start : start + room]
 
-    def park(self, req_state, state: StreamState) -> None:
+    def park(self, req_state, state: StreamState) -> bool:
+        """Keep a finished stream's state while its pages are parked; False: not kept."""
         rows = req_state.block_ids
         if not self.keep_finished or not rows or not rows[0]:
-            return
+            return False
         first = rows[0][0]
         self.unpark(first)
         blocks = frozenset(b for row in rows for b in row)
         self.parked[first] = ParkedState(state.dropped, state.offset, blocks)
         for b in blocks:
             self.parked_blocks[b] = first
+        return True
 
     def unpark(self, first: int) -> ParkedState | None:
+        """Take a parked stream's state (to resume it, or because its pages were reused)."""
         parked = self.parked.pop(first, None)
         if parked is not None:
             for b in parked.blocks:
@@ -124,6 +137,8 @@ class StreamTracker:
             first = self.parked_blocks.get(b)
             if first is not None:
                 self.unpark(first)
+                if self.sink_len:
+                    self.released.append(first)
 
 
 def _continue(tracker: StreamTracker, new, state: StreamState) -> None:
@@ -159,6 +174,15 @@ def _drop(tracker: StreamTracker, runner, req_id: str, state: StreamState, evict
     if newly:
         s0 = max(0, sink_len - prompt_len)
         del req_state.output_token_ids[s0 : s0 + newly]
+        params = req_state.sampling_params
+        if params is not None and params.min_tokens:
+            # vLLM's sampler counts min_tokens on this (now shorter) list: lower the worker's
+            # count by what left it, so the whole stream's outputs count. A private copy: an
+            # in-process engine core shares the params object with its scheduler.
+            if not state.own_params:
+                params = req_state.sampling_params = params.clone()
+                state.own_params = True
+            params.min_tokens = max(0, params.min_tokens - newly)
     state.dropped = evicted
     state.offset += d
     req_state.prompt_token_ids = tracker.compact_prompt(state)
@@ -173,11 +197,14 @@ def _drop(tracker: StreamTracker, runner, req_id: str, state: StreamState, evict
 
 
 def _before_update(tracker: StreamTracker, runner, scheduler_output) -> None:
+    for req_id in scheduler_output.preempted_req_ids or ():
+        # Its pages are gone; it restarts as a fresh stream when resumed.
+        tracker.release(tracker.streams.pop(req_id, None))
     for req_id in scheduler_output.finished_req_ids:
         state = tracker.streams.pop(req_id, None)
         req_state = runner.requests.get(req_id)
-        if state is not None and req_state is not None:
-            tracker.park(req_state, state)
+        if state is None or req_state is None or not tracker.park(req_state, state):
+            tracker.release(state)
     cached = scheduler_output.scheduled_cached_reqs
     fresh_blocks = []
     for new in scheduler_output.scheduled_new_reqs:
@@ -195,12 +222,16 @@ def _before_update(tracker: StreamTracker, runner, scheduler_output) -> None:
                     f"vllm_sink: request {new.req_id} continues a stream whose worker state "
                     f"is gone (page {page})"
                 )
-            state = StreamState(prompt=[], dropped=parked.dropped, offset=parked.offset)
+            state = StreamState(
+                prompt=[], dropped=parked.dropped, offset=parked.offset, sink_key=page
+            )
         tracker.streams[new.req_id] = state
         state.prefilled = 0
         state.continued = False
         if new.num_computed_tokens:
             _continue(tracker, new, state)
+        elif new.block_ids and new.block_ids[0]:
+            state.sink_key = new.block_ids[0][0]
         new.prompt_token_ids = tracker.compact_prompt(state)
     for ids in fresh_blocks:
         tracker.reclaim(ids)
@@ -215,7 +246,10 @@ def _before_update(tracker: StreamTracker, runner, scheduler_output) -> None:
             req_state = runner.requests[req_id]
             if tokens is None:
                 tokens = list(req_state.prompt_token_ids or []) + list(req_state.output_token_ids)
-            state = StreamState(prompt=list(tokens))
+            rows = cached.new_block_ids[i]
+            state = StreamState(
+                prompt=list(tokens), sink_key=rows[0][0] if rows and rows[0] else -1
+            )
             tracker.streams[req_id] = state
             req_state.prompt_token_ids = tracker.compact_prompt(state)
             req_state.num_prompt_tokens = len(req_state.prompt_token_ids)
@@ -228,7 +262,7 @@ def _before_update(tracker: StreamTracker, runner, scheduler_output) -> None:
         cached.num_computed_tokens[i] = n - state.dropped
 
 
-def _plan_step(tracker: StreamTracker, runner, num_scheduled_tokens) -> StepPlan:
+def _plan_step(tracker: StreamTracker, runner, num_scheduled_tokens):
     batch = runner.input_batch
     offsets, rebase = [], []
     for row, req_id in enumerate(batch.req_ids[: batch.num_reqs]):
@@ -246,43 +280,113 @@ def _plan_step(tracker: StreamTracker, runner, num_scheduled_tokens) -> StepPlan
         start = int(batch.num_computed_tokens_cpu[row]) + state.dropped
         if start < len(state.prompt):
             state.prefilled += min(int(num_scheduled_tokens[row]), len(state.prompt) - start)
+    from vllm_sink.backend import StepPlan
+
     return StepPlan(offsets, rebase)
 
 
+def sink_enabled(runner) -> bool:
+    """Whether this runner's engine enables ``vllm_sink`` (else every wrapper passes through)."""
+    from vllm_sink.settings import CONFIG_KEY
+
+    return CONFIG_KEY in (runner.vllm_config.additional_config or {})
+
+
+@contextlib.contextmanager
+def sink_backend_registered():
+    """``CPU_ATTN`` resolves to the sink backend inside the block only.
+
+    vLLM's backend selection is cached per selector config, so the cache is cleared on entry
+    and exit: neither an earlier nor a later engine in this process sees the other's backend.
+    """
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+    from vllm.v1.attention.selector import _cached_get_attn_backend
+
+    cpu = AttentionBackendEnum.CPU_ATTN
+    previous = cpu.get_path() if cpu.is_overridden() else None
+    register_backend(cpu, "vllm_sink.backend.SinkCPUAttentionBackend")
+    _cached_get_attn_backend.cache_clear()
+    try:
+        yield
+    finally:
+        if previous is None:
+            cpu.clear_override()
+        else:
+            register_backend(cpu, previous)
+        _cached_get_attn_backend.cache_clear()
+
+
+def metadata_builders(runner) -> list:
+    return [g.get_metadata_builder() for groups in runner.attn_groups for g in groups]
+
+
+def sink_impls(runner) -> list:
+    """The runner's sink attention implementations (one per layer)."""
+    layers = runner.compilation_config.static_forward_context.values()
+    return [layer.impl for layer in layers if hasattr(getattr(layer, "impl", None), "rotator")]
+
+
 def apply() -> None:
-    """Install both wrappers (idempotent). Only called in workers of sink-enabled engines."""
+    """Install the wrappers (idempotent). Called in workers of sink-enabled engines; they pass
+    through for any other engine's runner in the same process."""
     global _applied
     if _applied:
         return
     check_vllm_version("vllm_sink.patches.model_runner")
     import numpy as np
     import torch
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    from vllm_sink.backend import set_step_plan
+    from vllm_sink.backend import bind_model_ropes, free_sink_state
 
+    original_load = CPUModelRunner.load_model  # the CPU runner defines its own
     original_update = GPUModelRunner._update_states
     original_prepare = GPUModelRunner._prepare_inputs
+    original_prompt_logprobs = GPUModelRunner._get_prompt_logprobs_dict
 
-    def tracker_of(runner) -> StreamTracker:
+    def tracker_of(runner) -> StreamTracker | None:
         tracker = getattr(runner, "_vllm_sink_tracker", None)
         if tracker is None:
+            if not sink_enabled(runner):
+                return None
             if getattr(runner, "use_async_scheduling", False):
                 raise RuntimeError("vllm_sink requires async scheduling off")
             tracker = StreamTracker(runner)
             runner._vllm_sink_tracker = tracker
         return tracker
 
+    @functools.wraps(original_load)
+    def load_model(self, *args, **kwargs):
+        if not sink_enabled(self):
+            return original_load(self, *args, **kwargs)
+        with sink_backend_registered():
+            result = original_load(self, *args, **kwargs)
+        bind_model_ropes(self.get_model())
+        return result
+
     @functools.wraps(original_update)
     def _update_states(self, scheduler_output):
-        _before_update(tracker_of(self), self, scheduler_output)
+        tracker = tracker_of(self)
+        if tracker is not None:
+            _before_update(tracker, self, scheduler_output)
+        if tracker.released:
+            free_sink_state(metadata_builders(self), sink_impls(self), tracker.released)
+            tracker.released = []
         return original_update(self, scheduler_output)
 
     @functools.wraps(original_prepare)
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwargs):
         tracker = tracker_of(self)
+        if tracker is None:
+            return original_prepare(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
         plan = _plan_step(tracker, self, num_scheduled_tokens)
-        set_step_plan(plan.offsets, plan.rebase)
+        for builder in metadata_builders(self):
+            if builder.step_plan is not None:
+                raise RuntimeError(
+                    f"vllm_sink: {type(builder).__name__} did not use the previous step's plan"
+                )
+            builder.step_plan = plan
         result = original_prepare(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
         if any(plan.offsets):
             # Slot mapping is already computed from the compact positions; the model reads
@@ -292,15 +396,13 @@ def apply() -> None:
             self.positions[:total] += torch.from_numpy(per_token).to(self.positions.device)
         return result
 
-    original_prompt_logprobs = GPUModelRunner._get_prompt_logprobs_dict
-
     @functools.wraps(original_prompt_logprobs)
     def _get_prompt_logprobs_dict(self, hidden_states, num_scheduled_tokens):
         # Prompt log-probabilities are indexed by prompt position: show vLLM the logical prompt
         # and position for the duration of the call.
         tracker = tracker_of(self)
         swapped = []
-        for req_id in self.num_prompt_logprobs:
+        for req_id in self.num_prompt_logprobs if tracker is not None else ():
             state = tracker.streams.get(req_id)
             req_state = self.requests.get(req_id)
             if (
@@ -320,6 +422,7 @@ def apply() -> None:
                 req_state.prompt_token_ids = prompt
                 req_state.num_computed_tokens = computed
 
+    CPUModelRunner.load_model = load_model
     GPUModelRunner._update_states = _update_states
     GPUModelRunner._prepare_inputs = _prepare_inputs
     GPUModelRunner._get_prompt_logprobs_dict = _get_prompt_logprobs_dict

@@ -11,8 +11,8 @@ places, neither with a per-engine hook:
   ``max_total_tokens=None``, TokenizeParams' own "no length limit".
 - ``get_max_tokens`` (imported by name into both serving modules) rejects prompts longer than
   ``max_model_len`` and clamps ``max_tokens`` to ``max_model_len - prompt_len``. For a sink engine
-  an explicit ``max_tokens`` is honoured as given; an omitted one keeps vLLM's default (the rest
-  of ``max_model_len``), floored at 1 as in :mod:`vllm_sink.patches.input_processor`.
+  an explicit ``max_tokens`` is honoured as given; an omitted one gets
+  :func:`vllm_sink.patches.input_processor.default_max_tokens`.
 
 Which engine a request goes to is known only in the serving object's ``create_completion`` /
 ``create_chat_completion``; those wrappers set a context variable for the request's task, and the
@@ -64,11 +64,13 @@ def unbounded_max_tokens(
     """``get_max_tokens`` without the context-length check and clamp (same signature)."""
     from vllm.platforms import current_platform
 
+    from vllm_sink.patches.input_processor import default_max_tokens
+
     if truncate_prompt_tokens is not None and truncate_prompt_tokens >= 0:
         input_length = min(input_length, truncate_prompt_tokens)
     requested = max_tokens if max_tokens is not None else default_sampling_params.get("max_tokens")
     if requested is None:
-        requested = max(max_model_len - input_length, 1)
+        requested = default_max_tokens(max_model_len, input_length)
     limits = (requested, override_max_tokens, current_platform.get_max_output_tokens(input_length))
     return min(v for v in limits if v is not None)
 

@@ -1,4 +1,10 @@
-"""The patches of vLLM internals: applied only when the feature is on, and version-guarded."""
+"""The patches of vLLM internals: each replaced function is replaced exactly when it should be
+(two at plugin load, the front end's with the first sink-enabled config, the runner's in a sink
+engine's worker), and every guarded patch refuses an untested vLLM.
+
+What each patch does, on and off, is tested where its behaviour shows (see the table in
+``vllm_sink/patches/__init__.py``).
+"""
 
 from __future__ import annotations
 
@@ -9,58 +15,121 @@ import pytest
 from engine_utils import run_script
 from vllm_sink.compat import UnsupportedVllmError
 
-PATCHES = ["input_processor", "renderer_params", "model_runner", "stat_loggers"]
+# Patch module -> what it replaces: (module[:class], attribute).
+REPLACED = {
+    "cli_args": [
+        ("vllm.engine.arg_utils:EngineArgs", "add_cli_args"),
+        ("vllm.engine.arg_utils:EngineArgs", "from_cli_args"),
+    ],
+    "engine_args": [("vllm.engine.arg_utils:EngineArgs", "create_engine_config")],
+    "input_processor": [
+        ("vllm.v1.engine.input_processor:InputProcessor", "_validate_prompt_len"),
+        ("vllm.v1.engine.input_processor:InputProcessor", "process_inputs"),
+    ],
+    "renderer_params": [
+        ("vllm.renderers.params:TokenizeParams", "_token_len_check"),
+        ("vllm.renderers.base:BaseRenderer", "default_cmpl_tok_params"),
+        ("vllm.renderers.base:BaseRenderer", "default_chat_tok_params"),
+    ],
+    "openai_server": [
+        ("vllm.entrypoints.openai.completion.serving:OpenAIServingCompletion", "create_completion"),
+        ("vllm.entrypoints.openai.chat_completion.serving:OpenAIServingChat",
+         "create_chat_completion"),
+        ("vllm.entrypoints.openai.completion.protocol:CompletionRequest", "build_tok_params"),
+        ("vllm.entrypoints.openai.chat_completion.protocol:ChatCompletionRequest",
+         "build_tok_params"),
+        ("vllm.entrypoints.openai.completion.serving", "get_max_tokens"),
+        ("vllm.entrypoints.openai.chat_completion.serving", "get_max_tokens"),
+    ],
+    "stat_loggers": [("vllm.v1.engine.async_llm", "load_stat_logger_plugin_factories")],
+    "model_runner": [
+        ("vllm.v1.worker.gpu_model_runner:GPUModelRunner", "_update_states"),
+        ("vllm.v1.worker.gpu_model_runner:GPUModelRunner", "_prepare_inputs"),
+        ("vllm.v1.worker.gpu_model_runner:GPUModelRunner", "_get_prompt_logprobs_dict"),
+        ("vllm.v1.worker.cpu_model_runner:CPUModelRunner", "load_model"),
+    ],
+}  # fmt: skip
+ALWAYS = ["cli_args", "engine_args"]  # installed at plugin load: how the feature is noticed
+FRONT_END = ["input_processor", "renderer_params", "openai_server", "stat_loggers"]
+GUARDED = [*FRONT_END, "model_runner"]
 
 CHECK = """
-import json, os
+import importlib, json, os
+
+REPLACED = json.loads(os.environ["REPLACED"])
+
+def raw(target, attr):
+    module, _, cls = target.partition(":")
+    owner = importlib.import_module(module)
+    if cls:
+        return getattr(owner, cls).__dict__[attr]  # static and cached properties as stored
+    return getattr(owner, attr)
+
+original = {name: [raw(*t) for t in targets] for name, targets in REPLACED.items()}
+
+def replaced():
+    return {name: [raw(*t) is not o for t, o in zip(REPLACED[name], original[name])]
+            for name in REPLACED}
+
 from vllm.engine.arg_utils import EngineArgs
 from vllm.plugins import load_general_plugins
-from vllm.renderers.params import TokenizeParams
-from vllm.v1.engine import async_llm
-from vllm.v1.engine.input_processor import InputProcessor
-from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-def patched():
-    return {
-        "input_processor": hasattr(InputProcessor._validate_prompt_len, "__wrapped__"),
-        "renderer_params": hasattr(TokenizeParams._token_len_check, "__wrapped__"),
-        "model_runner": hasattr(GPUModelRunner._update_states, "__wrapped__"),
-        "stat_loggers": hasattr(async_llm.load_stat_logger_plugin_factories, "__wrapped__"),
-    }
-
-if __name__ == "__main__":
-    load_general_plugins()
-    result = {}
-    off = EngineArgs(model=os.environ["TEST_MODEL"], block_size=32).create_engine_config()
-    result["off"] = patched()
-    result["off_extension"] = off.parallel_config.worker_extension_cls
-    on = EngineArgs(model=os.environ["TEST_MODEL"], block_size=32, max_model_len=1024,
-                    additional_config={"vllm_sink": {"window_tokens": 256}}).create_engine_config()
-    result["on"] = patched()
-    result["on_extension"] = on.parallel_config.worker_extension_cls
-    result["on_scheduler"] = str(on.scheduler_config.scheduler_cls)
-    result["on_prefix_caching"] = on.cache_config.enable_prefix_caching
-    import vllm_sink.worker  # what vLLM imports in each worker of a sink-enabled engine
-    result["worker"] = patched()
-    print("RESULT " + json.dumps(result), flush=True)
+result = {"imported": replaced()}
+load_general_plugins()
+result["loaded"] = replaced()
+off = EngineArgs(model=os.environ["TEST_MODEL"], block_size=32).create_engine_config()
+result["off"] = replaced()
+result["off_extension"] = off.parallel_config.worker_extension_cls
+on = EngineArgs(model=os.environ["TEST_MODEL"], block_size=32, max_model_len=1024,
+                additional_config={"vllm_sink": {"window_tokens": 256}}).create_engine_config()
+result["on"] = replaced()
+result["on_extension"] = on.parallel_config.worker_extension_cls
+result["on_scheduler"] = str(on.scheduler_config.scheduler_cls)
+result["on_prefix_caching"] = on.cache_config.enable_prefix_caching
+import vllm_sink.worker  # what vLLM imports in each worker of a sink-enabled engine
+result["worker"] = replaced()
+from vllm.v1.attention.backends.registry import AttentionBackendEnum
+result["cpu_attn_overridden"] = AttentionBackendEnum.CPU_ATTN.is_overridden()
+print("RESULT " + json.dumps(result), flush=True)
 """
 
 
-def test_patches_applied_only_when_enabled(model_dir):
-    result, _ = run_script(CHECK, {"TEST_MODEL": str(model_dir)})
-    assert result["off"] == dict.fromkeys(PATCHES, False)
+def _expect(names: list[str]) -> dict[str, list[bool]]:
+    return {name: [name in names] * len(targets) for name, targets in REPLACED.items()}
+
+
+def test_every_replaced_function_is_replaced_only_when_enabled(model_dir):
+    import json
+
+    result, _ = run_script(CHECK, {"TEST_MODEL": str(model_dir), "REPLACED": json.dumps(REPLACED)})
+    assert result["imported"] == _expect([])
+    assert result["loaded"] == _expect(ALWAYS)
+    assert result["off"] == _expect(ALWAYS)
     assert result["off_extension"] in (None, "")
-    # The frontend's patches come with the first sink-enabled config; the worker's with the
+    # The front end's patches come with the first sink-enabled config; the runner's with the
     # worker extension, imported only in workers of sink-enabled engines.
-    assert result["on"] == {**dict.fromkeys(PATCHES, True), "model_runner": False}
+    assert result["on"] == _expect(ALWAYS + FRONT_END)
     assert result["on_extension"] == "vllm_sink.worker.SinkWorkerExtension"
     assert result["on_scheduler"].endswith("SinkScheduler")
     # Prefix caching stays vLLM's switch (on by default): it turns resumed streams on.
     assert result["on_prefix_caching"] is True
-    assert result["worker"] == dict.fromkeys(PATCHES, True)
+    assert result["worker"] == _expect(list(REPLACED))
+    # The sink backend is registered only while a sink runner builds its model.
+    assert result["cpu_attn_overridden"] is False
 
 
-@pytest.mark.parametrize("name", PATCHES)
+def test_every_patch_module_is_listed():
+    from pathlib import Path
+
+    import vllm_sink.patches as patches
+
+    modules = sorted(p.stem for p in Path(patches.__file__).parent.glob("*.py"))
+    assert modules == sorted(["__init__", *REPLACED])
+    for name in REPLACED:
+        assert f"``{name}``" in patches.__doc__, f"{name} missing from the list of patches"
+
+
+@pytest.mark.parametrize("name", GUARDED)
 def test_patch_refuses_untested_vllm(name, monkeypatch):
     import vllm
 

@@ -64,6 +64,45 @@ CASES = {
     ),
     "no RoPE": ({"model": GPT2}, "does not support a model without RoPE"),
     "MLA": ({"model": DEEPSEEK_V2}, "does not support MLA attention"),
+    "YaRN": (
+        {"hf_overrides": {"rope_parameters": {"rope_type": "yarn", "rope_theta": 100000.0,
+                                              "factor": 4.0,
+                                              "original_max_position_embeddings": 2048}}},
+        r"rope_type='yarn'",
+    ),
+    "dynamic NTK": (
+        {"hf_overrides": {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 100000.0,
+                                              "factor": 2.0}}},
+        r"rope_type='dynamic'",
+    ),
+    "LongRoPE": (
+        {"hf_overrides": {"rope_parameters": {
+            "rope_type": "longrope", "rope_theta": 100000.0,
+            "short_factor": [1.0] * 32, "long_factor": [2.0] * 32,
+            "original_max_position_embeddings": 1024}}},
+        r"rope_type='longrope'",
+    ),
+    "prompt embeds": ({"enable_prompt_embeds": True}, "enable_prompt_embeds"),
+    "LoRA": ({"enable_lora": True}, "enable_lora"),
+    "tensor parallel": ({"tensor_parallel_size": 2}, "tensor_parallel_size=2"),
+    "pipeline parallel": ({"pipeline_parallel_size": 2}, "pipeline_parallel_size=2"),
+    "data parallel": ({"data_parallel_size": 2}, "data_parallel_size=2"),
+    "KV connector": (
+        {"kv_transfer_config": {"kv_connector": "ExampleConnector", "kv_role": "kv_both"}},
+        "kv_transfer_config",
+    ),
+    "KV offloading": ({"kv_offloading_size": 1.0}, "kv_offloading_size"),
+    "custom logits processors": (
+        {"logits_processors": ["vllm.v1.sample.logits_processor.builtin.MinPLogitsProcessor"]},
+        "logits_processors",
+    ),
+    "chunked prefill off": ({"enable_chunked_prefill": False}, "enable_chunked_prefill=False"),
+    "adaptive prefill threshold": (
+        {"long_prefill_token_threshold": 64, "long_prefill_token_threshold_adaptive": True},
+        "long_prefill_token_threshold_adaptive",
+    ),
+    "other attention backend": ({"attention_backend": "FLEX_ATTENTION"},
+                                "attention_backend=FLEX_ATTENTION"),
 }  # fmt: skip
 
 
@@ -79,9 +118,47 @@ def test_unsupported_config_fails_at_start(case, model_dir, tmp_path):
         args.create_engine_config()
 
 
+def test_platforms_other_than_cpu_are_refused(model_dir):
+    """On any platform but CPU the plugin's backend would not be used: nothing would be evicted
+    while the scheduler lifts the length caps. vLLM's own platform classes, without a device."""
+    from vllm.platforms import current_platform
+    from vllm.platforms.interface import UnspecifiedPlatform
+
+    from vllm_sink.enable import refused_runtime
+
+    config = EngineArgs(model=str(model_dir), block_size=32, max_model_len=512)
+    vllm_config = config.create_engine_config()
+    assert refused_runtime(vllm_config, current_platform) == []
+    (problem,) = refused_runtime(vllm_config, UnspecifiedPlatform())
+    assert "platform" in problem and "CPU_ATTN" in problem
+
+
+def test_model_runner_v2_is_refused(model_dir, monkeypatch):
+    """vLLM's CPU build refuses Model Runner V2 itself (it needs Triton); where it can run, the
+    plugin refuses it. The config's own property reads the switch when asked."""
+    from vllm.platforms import current_platform
+
+    from vllm_sink.enable import refused_runtime
+
+    vllm_config = EngineArgs(model=str(model_dir), block_size=32, max_model_len=512)
+    vllm_config = vllm_config.create_engine_config()
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    assert vllm_config.use_v2_model_runner
+    (problem,) = refused_runtime(vllm_config, current_platform)
+    assert "Model Runner V2" in problem
+
+
 def test_same_configs_build_without_the_plugin(model_dir):
     """The refusals come from the plugin: vanilla vLLM builds these configs."""
-    for case in ("sliding window", "hybrid layers", "M-RoPE"):
+    for case in (
+        "sliding window",
+        "hybrid layers",
+        "M-RoPE",
+        "YaRN",
+        "KV offloading",
+        "chunked prefill off",
+        "other attention backend",
+    ):
         overrides, _ = CASES[case]
         args = EngineArgs(model=str(model_dir), block_size=32, max_model_len=512, **overrides)
         assert args.create_engine_config().model_config is not None

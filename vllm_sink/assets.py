@@ -247,11 +247,13 @@ def make_tiny_llama(
     num_kv_heads: int = 2,
     max_position_embeddings: int = 2048,
     seed: int = 0,
+    rope_parameters: dict | None = None,
 ) -> Path:
     """Write a random-weight Llama checkpoint with the default model's tokenizer.
 
     Head size is ``hidden_size // num_heads`` (32 by default, which the CPU kernel supports).
-    Fast to load and run; good for plumbing tests, not for quality.
+    Fast to load and run; good for plumbing tests, not for quality. ``rope_parameters``
+    replaces the default model's (to write RoPE-variant checkpoints).
     """
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -267,7 +269,8 @@ def make_tiny_llama(
         num_attention_heads=num_heads,
         num_key_value_heads=num_kv_heads,
         max_position_embeddings=max_position_embeddings,
-        rope_parameters=base.get("rope_parameters")
+        rope_parameters=rope_parameters
+        or base.get("rope_parameters")
         or {"rope_type": "default", "rope_theta": base.get("rope_theta", 10000.0)},
         tie_word_embeddings=True,
         bos_token_id=base.get("bos_token_id"),

@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 import torch
 from vllm import _custom_ops as ops
 from vllm.config import get_current_vllm_config
-from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend,
@@ -166,18 +165,66 @@ def page_layout(
     return perms[0], perms[1]
 
 
-def _make_rotator(head_size: int) -> SinkRotator:
-    config = get_current_vllm_config()
-    hf_config = config.model_config.hf_text_config
-    rope = get_rope(
-        head_size,
-        max_position=hf_config.max_position_embeddings,
-        rope_parameters=getattr(hf_config, "rope_parameters", None),
-        is_neox_style=getattr(hf_config, "rope_is_neox_style", True),
-        dtype=torch.float32,
+def rotator_from_model_rope(rope: torch.nn.Module, head_size: int) -> SinkRotator:
+    """A rotator that re-rotates keys exactly as the model's own rotary embedding rotates them.
+
+    Only embeddings whose rotation at position ``p`` is a pure rotation by ``p`` times fixed
+    frequencies are accepted (plain, linear and Llama-3 scaling; partial rotary and either
+    pairing style come from the embedding itself). Anything else is refused by name: re-rotating
+    its keys would compute something other than cache-slot positions.
+    """
+    from vllm.model_executor.layers.rotary_embedding import (
+        LinearScalingRotaryEmbedding,
+        Llama3RotaryEmbedding,
+        RotaryEmbedding,
     )
-    cos_sin = rope._compute_cos_sin_cache().float()
+
+    from vllm_sink.enable import UnsupportedConfigError
+
+    kind = type(rope)
+    if kind not in (RotaryEmbedding, LinearScalingRotaryEmbedding, Llama3RotaryEmbedding) or (
+        kind is LinearScalingRotaryEmbedding and len(rope.scaling_factors) != 1
+    ):
+        raise UnsupportedConfigError(
+            f"vllm_sink does not support the model's rotary embedding {kind.__name__}"
+        )
+    cos_sin = rope._compute_cos_sin_cache().float()  # float32, whatever the model's dtype
+    cos, sin = cos_sin.chunk(2, dim=-1)
+    if not torch.allclose(cos * cos + sin * sin, torch.ones_like(cos), atol=1e-5):
+        raise UnsupportedConfigError(
+            f"vllm_sink does not support {kind.__name__}: its cos/sin table scales keys"
+        )
     return SinkRotator(head_size, rope.rotary_dim, rope.is_neox_style, cos_sin)
+
+
+def bind_model_ropes(model: torch.nn.Module) -> int:
+    """Give every sink attention layer of ``model`` the rotary embedding of its own module
+    (vLLM's model code keeps it next to the layer, as ``rotary_emb``); returns layers bound."""
+    from vllm_sink.enable import UnsupportedConfigError
+
+    bound, unbound = 0, []
+    tables: dict[int, SinkRotator] = {}  # one cos/sin table per rotary embedding
+    for name, module in model.named_modules():
+        impl = getattr(getattr(module, "attn", None), "impl", None)
+        if not isinstance(impl, SinkCPUAttentionBackendImpl):
+            continue
+        rope = getattr(module, "rotary_emb", None)
+        if rope is None:
+            unbound.append(name)
+            continue
+        shared = tables.get(id(rope))
+        if shared is None:
+            shared = tables[id(rope)] = rotator_from_model_rope(rope, impl.head_size)
+        impl.rotator = SinkRotator(
+            shared.head_size, shared.rotary_dim, shared.is_neox, shared.cos_sin
+        )
+        bound += 1
+    if unbound or not bound:
+        raise UnsupportedConfigError(
+            "vllm_sink found no rotary embedding (rotary_emb) next to attention layer(s) "
+            f"{', '.join(unbound) or '(none found)'}"
+        )
+    return bound
 
 
 # ------------------------------------------------------------------------------------ metadata
@@ -212,14 +259,12 @@ class SinkCPUAttentionMetadata(CPUAttentionMetadata):
     window_rebases: list[WindowRebase] = field(default_factory=list)
 
 
-_step_offsets: list[int] = []
-_step_rebase: list[int] = []
+@dataclass(frozen=True)
+class StepPlan:
+    """What the runner patch tells each metadata builder about one step, per batch row."""
 
-
-def set_step_plan(offsets: list[int], rebase: list[int]) -> None:
-    """Per batch row: position offset of the step, and an old offset to undo (rebase) or 0."""
-    global _step_offsets, _step_rebase
-    _step_offsets, _step_rebase = offsets, rebase
+    offsets: list[int]  # position offset of the step
+    rebase: list[int]  # old offset whose window keys must be rotated back (0: none)
 
 
 class SinkCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
@@ -231,6 +276,9 @@ class SinkCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
         self.num_sink_pages = geometry.sink_pages(settings.sink_tokens, self.block_size)
         # First sink page -> offset the sinks were last rotated to.
         self.sink_offsets: dict[int, int] = {}
+        # Set by the runner patch for each real step, consumed by the step's build; dummy and
+        # profiling runs (no plan) build plain metadata.
+        self.step_plan: StepPlan | None = None
 
     def build(
         self,
@@ -240,20 +288,27 @@ class SinkCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
     ) -> SinkCPUAttentionMetadata:
         base = super().build(common_prefix_len, common_attn_metadata, fast_build)
         metadata = SinkCPUAttentionMetadata(**vars(base))
-        if common_attn_metadata.num_reqs <= len(_step_offsets):
-            self._plan(common_attn_metadata, metadata)
-            set_step_plan([], [])  # consumed: dummy runs that follow plan nothing
+        plan, self.step_plan = self.step_plan, None
+        if plan is not None:
+            if common_attn_metadata.num_reqs < len(plan.offsets):
+                raise RuntimeError(
+                    f"vllm_sink: step plan for {len(plan.offsets)} requests, metadata for "
+                    f"{common_attn_metadata.num_reqs}"
+                )
+            self._plan(plan, common_attn_metadata, metadata)
         return metadata
 
-    def _plan(self, common: CommonAttentionMetadata, metadata: SinkCPUAttentionMetadata) -> None:
+    def _plan(
+        self, plan: StepPlan, common: CommonAttentionMetadata, metadata: SinkCPUAttentionMetadata
+    ) -> None:
         """Sink captures and moves, and window rebases, for this step (compact rows)."""
         table = common.block_table_tensor
         bs = self.block_size
         sink_len = self.num_sink_pages * bs
         starts = common.query_start_loc_cpu.tolist()
         seq_lens = common.seq_lens.tolist()
-        for row in range(common.num_reqs):
-            offset, undo = _step_offsets[row], _step_rebase[row]
+        for row in range(len(plan.offsets)):
+            offset, undo = plan.offsets[row], plan.rebase[row]
             q = starts[row + 1] - starts[row]
             n = seq_lens[row] - q  # compact tokens cached before this step
             if undo and n > sink_len:
@@ -274,6 +329,21 @@ class SinkCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
                 metadata.sink_moves.append(SinkMove(key, slots, offset))
 
 
+def free_sink_state(builders: list, impls: list, keys: list[int]) -> None:
+    """Forget the sink state (rotation offset, pristine copies) of streams that ended.
+
+    Called by the runner patch before the step's metadata is built, so a new owner of a freed
+    first page, which captures its own sinks in this step, starts clean.
+    """
+    for builder in builders:
+        for key in keys:
+            builder.sink_offsets.pop(key, None)
+    for impl in impls:
+        if impl.rotator is not None:
+            for key in keys:
+                impl.rotator.pristine.pop(key, None)
+
+
 def _slots(row: torch.Tensor, start: int, stop: int, bs: int) -> torch.Tensor:
     """Cache slots of compact tokens ``[start, stop)`` of one block-table row."""
     tokens = torch.arange(start, stop)
@@ -284,7 +354,8 @@ class SinkCPUAttentionBackendImpl(CPUAttentionBackendImpl):
     def __init__(self, num_heads: int, head_size: int, *args, **kwargs) -> None:
         super().__init__(num_heads, head_size, *args, **kwargs)
         capture_layout()  # the settings of the engine whose model is being built
-        self.rotator = _make_rotator(head_size)
+        # The model's own rotary embedding, bound once the model is built (bind_model_ropes).
+        self.rotator: SinkRotator | None = None
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kw):
         if isinstance(attn_metadata, SinkCPUAttentionMetadata):

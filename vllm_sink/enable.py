@@ -25,11 +25,54 @@ class UnsupportedConfigError(ValueError):
     """A vLLM configuration the plugin does not support; the message names it."""
 
 
+# Rotary embeddings whose re-rotation is a pure rotation the plugin implements and tests
+# (``rope_type`` of the model's config; partial rotary and either pairing style are allowed).
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def _refused_args(engine_args: Any) -> list[str]:
+    """Engine arguments the plugin does not support, each named as the user spells it."""
+    a = engine_args
+    refused = []
+    for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
+        if (getattr(a, name, 1) or 1) > 1:
+            refused.append(f"{name}={getattr(a, name)} (the worker compacts one rank's cache)")
+    for name in ("decode_context_parallel_size", "prefill_context_parallel_size"):
+        if (getattr(a, name, 1) or 1) > 1:
+            refused.append(f"{name}={getattr(a, name)}")
+    if a.enable_prompt_embeds:
+        refused.append("enable_prompt_embeds (the worker rebuilds prompts from token ids)")
+    if a.enable_lora:
+        refused.append("enable_lora (LoRA is untested under eviction)")
+    if a.kv_transfer_config is not None:
+        refused.append("kv_transfer_config (KV connectors move pages the plugin frees)")
+    if a.kv_offloading_size:
+        refused.append("kv_offloading_size (offloaded pages would outlive their eviction)")
+    if a.logits_processors:
+        refused.append(
+            "logits_processors (custom processors read the worker's token lists, which hold "
+            "only the tokens in the cache)"
+        )
+    if a.enable_chunked_prefill is False:
+        refused.append(
+            "enable_chunked_prefill=False (prompts longer than the window stream in chunks)"
+        )
+    if getattr(a, "long_prefill_token_threshold_adaptive", False):
+        refused.append(
+            "long_prefill_token_threshold_adaptive (a request's chunk must stay below the "
+            "model's position limit)"
+        )
+    return refused
+
+
 def prepare_engine_args(engine_args: Any, settings: SinkSettings) -> None:
     """Adjust ``EngineArgs`` before vLLM builds its config (public fields only)."""
     check_vllm_version()
     if engine_args.speculative_config:
         raise UnsupportedConfigError("vllm_sink does not support speculative decoding")
+    refused = _refused_args(engine_args)
+    if refused:
+        raise UnsupportedConfigError(f"vllm_sink does not support {'; '.join(refused)}")
     if str(engine_args.kv_cache_dtype).startswith("fp8"):
         raise UnsupportedConfigError(
             "vllm_sink does not support an fp8 KV cache (kv_cache_dtype="
@@ -58,11 +101,45 @@ def step_tokens_per_request(scheduler_config: Any) -> int:
     return min(cap, threshold) if threshold > 0 else cap
 
 
+def refused_runtime(vllm_config: Any, platform: Any) -> list[str]:
+    """Platform, model runner and attention backend: the plugin implements the V1 runner with
+    the CPU platform's ``CPU_ATTN`` only (a GPU backend would need its own counterpart)."""
+    problems = []
+    if not platform.is_cpu():
+        problems.append(
+            f"the {getattr(platform, 'device_name', type(platform).__name__)} platform "
+            "(vllm_sink implements CPU_ATTN on the CPU "
+            "platform only; on this platform it would evict nothing)"
+        )
+    if vllm_config.use_v2_model_runner:
+        problems.append("Model Runner V2 (set VLLM_USE_V2_MODEL_RUNNER=0)")
+    attention = vllm_config.attention_config
+    backend = getattr(attention.backend, "name", attention.backend)
+    if backend not in (None, "CPU_ATTN"):
+        problems.append(f"attention_backend={backend} (only CPU_ATTN is implemented)")
+    if attention.backend_per_kind:
+        problems.append("attention_config.backend_per_kind")
+    return problems
+
+
+def rope_type(hf_config: Any) -> str:
+    """The model's ``rope_type`` (``rope_parameters`` or, before transformers 5,
+    ``rope_scaling``); ``"default"`` when none is given."""
+    for name in ("rope_parameters", "rope_scaling"):
+        params = getattr(hf_config, name, None) or {}
+        kind = params.get("rope_type", params.get("type"))
+        if kind:
+            return str(kind)
+    return "default"
+
+
 def finalize_config(vllm_config: Any, settings: SinkSettings) -> None:
     """Refuse built configs the plugin does not support."""
+    from vllm.platforms import current_platform
+
     model_config = vllm_config.model_config
     hf = model_config.hf_text_config
-    problems = []
+    problems = refused_runtime(vllm_config, current_platform)
     if model_config.use_mla:
         problems.append("MLA attention")
     if model_config.uses_mrope:
@@ -78,6 +155,11 @@ def finalize_config(vllm_config: Any, settings: SinkSettings) -> None:
     rope = getattr(hf, "rope_parameters", None) or {}
     if "rope_theta" not in rope and getattr(hf, "rope_theta", None) is None:
         problems.append("a model without RoPE")
+    elif not model_config.uses_mrope and rope_type(hf) not in SUPPORTED_ROPE_TYPES:
+        problems.append(
+            f"rope_type={rope_type(hf)!r} (supported: {', '.join(SUPPORTED_ROPE_TYPES)}; "
+            "others are not implemented by the plugin's key re-rotation)"
+        )
     if problems:
         raise UnsupportedConfigError(
             f"vllm_sink does not support {', '.join(problems)} ({model_config.model})"

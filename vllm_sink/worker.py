@@ -1,8 +1,8 @@
 """Worker-process entry for the feature, loaded through ``parallel_config.worker_extension_cls``.
 
 vLLM imports this module in each worker before it builds the model, and only when the plugin
-enabled the feature for this engine, so the backend override below never touches an engine
-that runs without ``vllm_sink`` settings. The extension class adds read-only RPCs
+enabled the feature for this engine. It installs the runner patch, which registers the sink
+backend only while a sink engine's runner builds its model. The extension class adds read-only RPCs
 (``LLM.collective_rpc("vllm_sink_...")``) that tests and tools use to look inside the worker.
 """
 
@@ -10,15 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
-
 from vllm_sink.compat import check_vllm_version
 from vllm_sink.patches import model_runner
 
 check_vllm_version("vllm_sink worker")
 model_runner.apply()
-# The CPU platform always resolves CPU_ATTN's registry path, so the override goes there.
-register_backend(AttentionBackendEnum.CPU_ATTN, "vllm_sink.backend.SinkCPUAttentionBackend")
 
 
 class SinkWorkerExtension:
@@ -69,3 +65,22 @@ class SinkWorkerExtension:
         if tracker is None:
             return {"streams": 0, "pages": 0}
         return {"streams": len(tracker.parked), "pages": len(tracker.parked_blocks)}
+
+    def vllm_sink_request_state(self) -> dict[str, int]:
+        """Sizes of every per-request container the plugin keeps in the worker (read, not
+        derived): they must hold live and parked streams only."""
+        runner = self.model_runner  # type: ignore[attr-defined]
+        tracker = getattr(runner, "_vllm_sink_tracker", None)
+        builders = model_runner.metadata_builders(runner)
+        impls = model_runner.sink_impls(runner)
+        pristine = [set(impl.rotator.pristine) for impl in impls if impl.rotator is not None]
+        return {
+            "streams": len(tracker.streams) if tracker else 0,
+            "parked": len(tracker.parked) if tracker else 0,
+            "parked_blocks": len(tracker.parked_blocks) if tracker else 0,
+            "released_pending": len(tracker.released) if tracker else 0,
+            "sink_offsets": max((len(getattr(b, "sink_offsets", ())) for b in builders), default=0),
+            "pristine": max((len(p) for p in pristine), default=0),
+            "runner_requests": len(runner.requests),
+            "layers": len(impls),
+        }

@@ -1,0 +1,372 @@
+"""What works with eviction: each row of the README's "What works with eviction" table that says
+*works* is proven here on the real engine, past ``max_model_len``.
+
+Refusals (settings the plugin turns down at start-up) are in ``tests/test_unsupported.py``.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from engine_utils import prompt_logprobs, run_script, sink_llm
+
+SINK, WINDOW, MAX_LEN = 4, 64, 256
+
+
+@pytest.fixture(scope="module")
+def llm(model_dir):
+    """The embedded model in float32, a 64-token window, 256 positions."""
+    engine = sink_llm(model_dir, SINK, WINDOW, MAX_LEN, dtype="float32", max_num_seqs=8)
+    yield engine
+    del engine
+    gc.collect()
+
+
+def _token(model_dir, text: str) -> int:
+    from transformers import AutoTokenizer
+
+    (token,) = AutoTokenizer.from_pretrained(model_dir)(text, add_special_tokens=False)["input_ids"]
+    return token
+
+
+# ----------------------------------------------------------------------------- RoPE variants
+
+ROPE_VARIANTS = {
+    "default": {"rope_type": "default", "rope_theta": 10000.0},
+    "partial rotary": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+    "linear": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+    "llama3": {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32,
+    },
+}
+
+
+@pytest.mark.parametrize("variant", list(ROPE_VARIANTS))
+def test_rope_variant_streams_like_the_reference(variant, tmp_path, text_tokens):
+    """A tiny random-weight Llama of each accepted RoPE variant streams 10x its window (float32,
+    with position rebases at 256 positions) and matches the reference token by token."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from vllm_sink.assets import make_tiny_llama
+    from vllm_sink.reference import StreamingReference
+
+    window, max_len, chunk = 60, 256, 32
+    model = make_tiny_llama(
+        tmp_path / "tiny", max_position_embeddings=max_len, rope_parameters=ROPE_VARIANTS[variant]
+    )
+    ids = text_tokens[: 10 * window]
+    engine = sink_llm(model, SINK, window, max_len, dtype="float32", max_num_batched_tokens=chunk)
+    try:
+        (out,) = engine.generate(
+            TokensPrompt(prompt_token_ids=ids), SamplingParams(max_tokens=1, prompt_logprobs=0)
+        )
+        got = prompt_logprobs(out, ids)
+    finally:
+        del engine
+        gc.collect()
+    ref = StreamingReference(model, sink_tokens=SINK, window_tokens=window, block_size=32)
+    diff = np.abs(got - ref.score(ids, chunk))[1:]
+    print(f"{variant}: max {diff.max():.2e} mean {diff.mean():.2e}")
+    assert diff.max() <= 1e-3, f"{variant}: max {diff.max():.2e}"
+
+
+def _rotary(**kw):
+    """vLLM's own rotary embedding, as a model would build it (inside a vLLM config)."""
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.rotary_embedding import get_rope
+
+    with set_current_vllm_config(VllmConfig()):
+        return get_rope(32, max_position=512, dtype=torch.float32, **kw)
+
+
+@pytest.mark.parametrize("is_neox", [True, False], ids=["neox", "gpt-j"])
+@pytest.mark.parametrize("partial", [1.0, 0.5])
+def test_rotator_moves_keys_as_the_models_rotary_embedding(is_neox, partial):
+    """Re-rotating a key written at position p by e equals vLLM's own rotary embedding at p+e,
+    for both pairing styles (GPT-J style comes from the model's embedding, not the config)."""
+    from vllm_sink.backend import rotator_from_model_rope
+
+    rope = _rotary(
+        is_neox_style=is_neox,
+        rope_parameters={"rope_theta": 10000.0, "partial_rotary_factor": partial},
+    )
+    rotator = rotator_from_model_rope(rope, 32)
+    torch.manual_seed(0)
+    keys = torch.randn(5, 2 * 32)  # [tokens, kv_heads * head]
+    q = torch.zeros_like(keys)
+    pos = torch.tensor([3, 4, 17, 100, 200])
+    for shift in (1, 37, 250, -3):
+        _, written = rope.forward_native(pos, q.clone(), keys.clone())
+        _, expected = rope.forward_native(pos + shift, q.clone(), keys.clone())
+        moved = rotator.rotate(written.view(5, 2, 32), shift).view(5, -1)
+        # float32 cos/sin of angles up to ~450 rad round at ~3e-5.
+        torch.testing.assert_close(moved, expected, atol=5e-5, rtol=0)
+
+
+def test_rotator_refuses_a_scaled_table():
+    """YaRN multiplies its cos/sin by an attention factor: moving a key would rescale it."""
+    from vllm_sink.backend import rotator_from_model_rope
+    from vllm_sink.enable import UnsupportedConfigError
+
+    yarn = _rotary(
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 4.0,
+            "original_max_position_embeddings": 128,
+        }
+    )
+    with pytest.raises(UnsupportedConfigError, match="YaRNScalingRotaryEmbedding"):
+        rotator_from_model_rope(yarn, 32)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def test_min_tokens_counts_the_whole_stream(llm, model_dir, text_tokens):
+    """min_tokens far past the window: the stop token is held back for exactly min_tokens
+    outputs, then stops the stream at once (vLLM counts on the worker's list, which keeps only
+    the window's outputs)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    stop = _token(model_dir, " the")
+    min_tokens = 5 * WINDOW
+    params = SamplingParams(
+        temperature=0,
+        min_tokens=min_tokens,
+        max_tokens=min_tokens + 100,
+        stop_token_ids=[stop],
+        logit_bias={stop: 100.0},  # the stop token wins every step it is allowed
+    )
+    (out,) = llm.generate(TokensPrompt(prompt_token_ids=text_tokens[:100]), params)
+    tokens = list(out.outputs[0].token_ids)
+    assert stop not in tokens[:min_tokens]
+    assert out.outputs[0].finish_reason == "stop"
+    assert min_tokens <= len(tokens) <= min_tokens + 1, len(tokens)
+    assert params.min_tokens == min_tokens  # the caller's params are untouched
+
+
+def test_penalties_see_the_tokens_in_the_cache(llm, model_dir, text_tokens):
+    """Frequency penalty counts the outputs still in the cache (sinks + window): a token pushed
+    up by a logit bias is penalised away while a dozen copies are in the window and comes back
+    once they leave it."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    token = _token(model_dir, " the")
+    bias, penalty = 20.0, 2.0
+    params = SamplingParams(
+        temperature=0,
+        max_tokens=640,
+        ignore_eos=True,
+        frequency_penalty=penalty,
+        logit_bias={token: bias},
+    )
+    (out,) = llm.generate(TokensPrompt(prompt_token_ids=text_tokens[:40]), params)
+    tokens = np.array(out.outputs[0].token_ids)
+    hits = np.flatnonzero(tokens == token)
+    most_per_window = max(np.sum((hits >= i) & (hits < i + WINDOW)) for i in range(len(tokens)))
+    print(f"{len(hits)} hits, at most {most_per_window} in any {WINDOW} outputs")
+    # Within the window the penalty holds it back (unpenalised, the bias wins every step; it
+    # allows about bias / penalty copies plus the token's own lead over the runner-up) ...
+    assert most_per_window <= WINDOW // 4
+    # ... and over the stream it keeps returning (a whole-stream count would stop it for good).
+    assert len(hits) > 3 * most_per_window
+    assert hits[-1] >= len(tokens) - 2 * WINDOW
+
+
+def test_bad_words_hold_past_the_window(llm, model_dir, text_tokens):
+    """A banned word stays banned for the whole stream, though the bias pushes it every step."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    token = _token(model_dir, " the")
+    params = SamplingParams(
+        temperature=0,
+        max_tokens=5 * WINDOW,
+        ignore_eos=True,
+        bad_words=[" the"],
+        logit_bias={token: 100.0},
+    )
+    (out,) = llm.generate(TokensPrompt(prompt_token_ids=text_tokens[:300]), params)
+    assert len(out.outputs[0].token_ids) == 5 * WINDOW
+    assert token not in out.outputs[0].token_ids
+
+
+def test_n_greater_than_one(llm, text_tokens):
+    """n=2 streaming past max_model_len: each child is its own stream. vLLM seeds child i with
+    ``seed + i``, so each equals a single request with that seed."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    prompt = TokensPrompt(prompt_token_ids=text_tokens[:40])
+
+    def params(n: int, seed: int) -> SamplingParams:
+        return SamplingParams(n=n, temperature=1.0, seed=seed, max_tokens=400, ignore_eos=True)
+
+    (pair,) = llm.generate(prompt, params(2, 7))
+    singles = [llm.generate(prompt, params(1, seed))[0] for seed in (7, 8)]
+    assert len(pair.outputs) == 2
+    got = sorted(list(c.token_ids) for c in pair.outputs)
+    assert got == sorted(list(s.outputs[0].token_ids) for s in singles)
+    assert got[0] != got[1]
+
+
+def test_seeded_request_with_a_chunked_prompt_is_refused(llm, text_tokens):
+    """vLLM's CPU runner crashes on a seeded request whose prompt is prefilled in chunks (vanilla
+    too): the plugin refuses that request by name, and the engine keeps serving."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    long_prompt = TokensPrompt(prompt_token_ids=text_tokens[:300])
+    with pytest.raises(ValueError, match="`seed`"):
+        llm.generate(long_prompt, SamplingParams(seed=1, max_tokens=4))
+    (out,) = llm.generate(long_prompt, SamplingParams(temperature=0, max_tokens=4))
+    assert len(out.outputs[0].token_ids) == 4
+
+
+def test_structured_output_past_the_window(llm, text_tokens):
+    """A grammar whose answer is several windows long, after a prompt longer than
+    max_model_len: the grammar lives in the scheduler and sees every token. (A regex that spells
+    a JSON array: a JSON schema compiles to the same kind of grammar, but lets this model fill
+    the window with whitespace between items.)"""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+    from vllm.sampling_params import StructuredOutputsParams
+
+    items = 120
+    params = SamplingParams(
+        temperature=0,
+        max_tokens=1000,
+        structured_outputs=StructuredOutputsParams(regex=rf"\[[0-9](, [0-9]){{{items - 1}}}\]"),
+    )
+    (out,) = llm.generate(TokensPrompt(prompt_token_ids=text_tokens[:300]), params)
+    assert out.outputs[0].finish_reason == "stop"
+    assert len(out.outputs[0].token_ids) > 3 * WINDOW
+    value = json.loads(out.outputs[0].text)
+    assert isinstance(value, list) and len(value) == items
+    assert all(isinstance(v, int) and 0 <= v <= 9 for v in value)
+
+
+def test_shared_sampling_params_keep_no_default(llm, text_tokens):
+    """One SamplingParams(max_tokens=None) for two prompts: each gets its own default, and the
+    caller's object is not written to."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(temperature=0, ignore_eos=True)
+    params.max_tokens = None
+    prompts = [TokensPrompt(prompt_token_ids=text_tokens[:n]) for n in (200, 50)]
+    outs = llm.generate(prompts, params)
+    assert params.max_tokens is None
+    assert [len(o.outputs[0].token_ids) for o in outs] == [MAX_LEN - 200, MAX_LEN - 50]
+
+
+# ----------------------------------------------------------------------------- process state
+
+_ONE_PROCESS = """
+import json, os
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+from vllm import LLM, SamplingParams
+from vllm_sink.assets import prepare_model
+model = str(prepare_model())
+prompt = "The quick brown fox jumps over the lazy dog. " * 12
+params = SamplingParams(temperature=0, max_tokens=24, logprobs=3)
+common = dict(model=model, dtype="float32", block_size=32, enforce_eager=True,
+              max_model_len=512, seed=0)
+if {sink_first}:
+    sink = LLM(**common, additional_config={{"vllm_sink": {{"sink_tokens": 4,
+                                                              "window_tokens": 64}}}})
+    sink.generate(prompt, params)
+    del sink
+    import gc; gc.collect()
+llm = LLM(**common)
+(out,) = llm.generate(prompt, params)
+runner = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
+backends = sorted({{type(layer.impl).__name__
+                   for layer in runner.compilation_config.static_forward_context.values()}})
+lps = [{{str(k): v.logprob for k, v in step.items()}} for step in out.outputs[0].logprobs]
+print("RESULT " + json.dumps({{"tokens": list(out.outputs[0].token_ids), "logprobs": lps,
+                               "impls": backends}}))
+"""
+
+
+def test_vanilla_engine_after_a_sink_engine_in_one_process():
+    """An in-process sink engine, then a vanilla one: the vanilla one runs the stock backend
+    and is bit-identical to a vanilla engine in a fresh process."""
+    after, _ = run_script(_ONE_PROCESS.format(sink_first=True))
+    fresh, _ = run_script(_ONE_PROCESS.format(sink_first=False))
+    assert after["impls"] == fresh["impls"] == ["CPUAttentionBackendImpl"]
+    assert after["tokens"] == fresh["tokens"]
+    assert after["logprobs"] == fresh["logprobs"]
+
+
+def _worker_state(engine) -> dict[str, int]:
+    (state,) = engine.collective_rpc("vllm_sink_request_state")
+    return state
+
+
+@pytest.mark.parametrize("prefix_caching", [False, True], ids=["plain", "prefix-caching"])
+def test_many_requests_leave_no_per_request_state(prefix_caching, tmp_path, text_tokens):
+    """10,000 requests (prompts from under a page to 3x the window, some past it): afterwards
+    the worker holds no state for any of them; with prefix caching, only parked streams."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from vllm_sink.assets import make_tiny_llama
+
+    count = 10_000 if not prefix_caching else 2_000
+    model = make_tiny_llama(tmp_path / "tiny", max_position_embeddings=256)
+    engine = sink_llm(
+        model,
+        SINK,
+        WINDOW,
+        256,
+        max_num_seqs=256,
+        max_num_batched_tokens=2048,
+        enable_prefix_caching=prefix_caching,
+    )
+    try:
+        rng = np.random.default_rng(0)
+        prompts = []
+        for _ in range(count):
+            start, length = int(rng.integers(0, 50_000)), int(rng.integers(8, 3 * WINDOW))
+            prompts.append(TokensPrompt(prompt_token_ids=text_tokens[start : start + length]))
+        params = SamplingParams(max_tokens=3, ignore_eos=True)
+        outs = engine.generate(prompts, params, use_tqdm=False)
+        assert len(outs) == count
+        # The worker hears of the last finished requests with the next step (vLLM's own
+        # request map too): the engine core takes that step as soon as it has news to send.
+        engine.llm_engine.step()
+        state = _worker_state(engine)
+        scheduler = engine.llm_engine.engine_core.engine_core.scheduler
+        parked = scheduler.sink_manager().parked
+        num_blocks = engine.llm_engine.vllm_config.cache_config.num_gpu_blocks
+    finally:
+        del engine
+        gc.collect()
+    print(state)
+    assert state["layers"] > 0
+    assert state["streams"] == state["runner_requests"] == state["released_pending"] == 0
+    if not prefix_caching:
+        assert state["parked"] == state["parked_blocks"] == 0
+        assert state["sink_offsets"] == state["pristine"] == 0
+        assert parked is None
+    else:
+        # What stays belongs to parked streams, whose pages the pool hands out last (and
+        # which die when it does): bounded by the pool, not by the requests served.
+        assert 0 < len(parked) <= state["parked"] <= state["parked_blocks"] <= num_blocks
+        assert state["pristine"] <= state["parked"]
+        assert state["sink_offsets"] <= state["parked"]
