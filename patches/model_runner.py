@@ -58,6 +58,15 @@ class StreamState:
     own_params: bool = False  # the runner's sampling params are this worker's own copy
 
 
+@dataclass
+class SwappedOut:
+    """A preempted request's stream and a copy of its pages (per KV-cache tensor, in the
+    order of its compact block list); the scheduler gives it fresh pages when it resumes."""
+
+    state: StreamState
+    pages: list  # list[torch.Tensor]
+
+
 @dataclass(frozen=True)
 class ParkedState:
     """What the worker needs to continue a finished stream, while its pages are parked."""
@@ -89,13 +98,64 @@ class StreamTracker:
         self.keep_finished = bool(runner.cache_config.enable_prefix_caching)
         self.parked: dict[int, ParkedState] = {}  # first page -> state
         self.parked_blocks: dict[int, int] = {}  # page -> first page of its parked stream
-        # First pages of streams that ended (finished, preempted, parked state reclaimed):
-        # their sink state in the backend is freed before the step is built.
+        # First pages of streams that ended (finished, parked state reclaimed): their sink
+        # state in the backend is freed before the step is built.
         self.released: list[int] = []
+        # Preempted streams, and the keys their sink state is kept under meanwhile (negative:
+        # never a page id, so a new owner of the old first page cannot overwrite it).
+        self.swapped: dict[str, SwappedOut] = {}
+        self.renamed: list[tuple[int, int]] = []  # (old key, new key), applied before releases
+        self._next_stash = -2
 
     def release(self, state: StreamState | None) -> None:
-        if state is not None and state.sink_key >= 0 and self.sink_len:
+        if state is not None and state.sink_key != -1 and self.sink_len:
             self.released.append(state.sink_key)
+
+    def swap_out(self, runner, req_id: str, state: StreamState) -> None:
+        """Copy a preempted request's pages (the scheduler frees them this step; nothing
+        overwrites them before this step's forward) and park its sink state under a stash key."""
+        import torch
+
+        req_state = runner.requests[req_id]
+        blocks = torch.tensor(list(req_state.block_ids[0]), dtype=torch.long)
+        pages = [kv.index_select(0, blocks) for kv in runner.kv_caches]
+        if state.sink_key >= 0 and self.sink_len:
+            self.renamed.append((state.sink_key, self._next_stash))
+            state.sink_key = self._next_stash
+            self._next_stash -= 1
+        self.swapped[req_id] = SwappedOut(state, pages)
+
+    def swap_in(self, runner, req_id: str, n: int, new_rows) -> StreamState:
+        """Copy a swapped request's pages into the fresh ones the scheduler gave it.
+
+        The scheduler kept the pages the contract keeps at ``n`` (and may add pages for the
+        step's new tokens after them); the copy may hold a few more (eviction the worker had not
+        applied yet). They stay in the rows as placeholders for
+        the usual eviction (``_drop``) to remove, so prompt, outputs and offset move with them.
+        """
+        import torch
+
+        swapped = self.swapped.pop(req_id)
+        state = swapped.state
+        first = self.sink_len // self.block_size
+        extra = (self.evicted(n) - state.dropped) // self.block_size
+        fresh = [b for b in new_rows[0] if b != NULL_BLOCK]
+        copied = len(swapped.pages[0]) - extra  # the rest of ``fresh`` is for new tokens
+        if copied > len(fresh) or copied < first:
+            raise RuntimeError(
+                f"vllm_sink: request {req_id} resumes with {len(fresh)} pages, its copy has "
+                f"{len(swapped.pages[0])} ({extra} evicted since)"
+            )
+        keep = list(range(first)) + list(range(first + extra, copied + extra))
+        src, dst = torch.tensor(keep), torch.tensor(fresh[:copied])
+        for kv, pages in zip(runner.kv_caches, swapped.pages, strict=True):
+            kv.index_copy_(0, dst, pages.index_select(0, src))
+        runner.requests[req_id].block_ids = (fresh[:first] + [NULL_BLOCK] * extra + fresh[first:],)
+        if state.sink_key < -1:
+            self.renamed.append((state.sink_key, fresh[0]))
+            state.sink_key = fresh[0]
+        self.streams[req_id] = state
+        return state
 
     def evicted(self, n: int) -> int:
         s = self.settings
@@ -198,9 +258,14 @@ def _drop(tracker: StreamTracker, runner, req_id: str, state: StreamState, evict
 
 def _before_update(tracker: StreamTracker, runner, scheduler_output) -> None:
     for req_id in scheduler_output.preempted_req_ids or ():
-        # Its pages are gone; it restarts as a fresh stream when resumed.
-        tracker.release(tracker.streams.pop(req_id, None))
+        # The scheduler frees its pages this step and gives fresh ones back when it resumes.
+        state = tracker.streams.pop(req_id, None)
+        if state is not None and req_id in runner.requests:
+            tracker.swap_out(runner, req_id, state)
     for req_id in scheduler_output.finished_req_ids:
+        swapped = tracker.swapped.pop(req_id, None)
+        if swapped is not None:  # aborted while preempted
+            tracker.release(swapped.state)
         state = tracker.streams.pop(req_id, None)
         req_state = runner.requests.get(req_id)
         if state is None or req_state is None or not tracker.park(req_state, state):
@@ -240,26 +305,38 @@ def _before_update(tracker: StreamTracker, runner, scheduler_output) -> None:
             tracker.reclaim(row)
     for i, req_id in enumerate(cached.req_ids):
         n = cached.num_computed_tokens[i]
-        if req_id in cached.resumed_req_ids:
-            # Preempted and recomputed from scratch: a fresh stream over every token so far.
+        resumed = req_id in cached.resumed_req_ids
+        swapped_in = resumed and n > 0 and req_id in tracker.swapped
+        if swapped_in:
+            tracker.swap_in(runner, req_id, n, cached.new_block_ids[i])
+        elif resumed:
+            # Preempted before it computed anything: a fresh stream over every token so far.
+            tracker.release(getattr(tracker.swapped.pop(req_id, None), "state", None))
+            if n:
+                raise RuntimeError(
+                    f"vllm_sink: request {req_id} resumes at token {n} without its pages' copy"
+                )
             tokens = cached.all_token_ids.get(req_id)
             req_state = runner.requests[req_id]
             if tokens is None:
                 tokens = list(req_state.prompt_token_ids or []) + list(req_state.output_token_ids)
             rows = cached.new_block_ids[i]
-            state = StreamState(
-                prompt=list(tokens), sink_key=rows[0][0] if rows and rows[0] else -1
-            )
+            first = rows[0][0] if rows and rows[0] else -1
+            state = StreamState(prompt=list(tokens), sink_key=first)
             tracker.streams[req_id] = state
             req_state.prompt_token_ids = tracker.compact_prompt(state)
             req_state.num_prompt_tokens = len(req_state.prompt_token_ids)
             req_state.output_token_ids = []
+        if resumed:
             cached.all_token_ids.pop(req_id, None)
         state = tracker.streams[req_id]
         evicted = tracker.evicted(n)
         if evicted > state.dropped:
             _drop(tracker, runner, req_id, state, evicted)
         cached.num_computed_tokens[i] = n - state.dropped
+        if swapped_in:
+            # vLLM replaces a resumed request's rows with these: the compacted ones.
+            cached.new_block_ids[i] = tuple(list(ids) for ids in runner.requests[req_id].block_ids)
 
 
 def _plan_step(tracker: StreamTracker, runner, num_scheduled_tokens):
@@ -338,7 +415,7 @@ def apply() -> None:
     from vllm.v1.worker.cpu_model_runner import CPUModelRunner
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    from vllm_sink.backend import bind_model_ropes, free_sink_state
+    from vllm_sink.backend import bind_model_ropes, free_sink_state, rename_sink_state
 
     original_load = CPUModelRunner.load_model  # the CPU runner defines its own
     original_update = GPUModelRunner._update_states
@@ -370,9 +447,12 @@ def apply() -> None:
         tracker = tracker_of(self)
         if tracker is not None:
             _before_update(tracker, self, scheduler_output)
-        if tracker.released:
-            free_sink_state(metadata_builders(self), sink_impls(self), tracker.released)
-            tracker.released = []
+        if tracker.released or tracker.renamed:
+            builders, impls = metadata_builders(self), sink_impls(self)
+            # Free first: a renamed stream may take over a key freed in this step.
+            free_sink_state(builders, impls, tracker.released)
+            rename_sink_state(builders, impls, tracker.renamed)
+            tracker.released, tracker.renamed = [], []
         return original_update(self, scheduler_output)
 
     @functools.wraps(original_prepare)

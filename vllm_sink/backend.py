@@ -344,6 +344,17 @@ def free_sink_state(builders: list, impls: list, keys: list[int]) -> None:
                 impl.rotator.pristine.pop(key, None)
 
 
+def rename_sink_state(builders: list, impls: list, renames: list[tuple[int, int]]) -> None:
+    """Move streams' sink state to new keys (a swapped stream's first page changes)."""
+    for old, new in renames:
+        for builder in builders:
+            if old in builder.sink_offsets:
+                builder.sink_offsets[new] = builder.sink_offsets.pop(old)
+        for impl in impls:
+            if impl.rotator is not None and old in impl.rotator.pristine:
+                impl.rotator.pristine[new] = impl.rotator.pristine.pop(old)
+
+
 def _slots(row: torch.Tensor, start: int, stop: int, bs: int) -> torch.Tensor:
     """Cache slots of compact tokens ``[start, stop)`` of one block-table row."""
     tokens = torch.arange(start, stop)

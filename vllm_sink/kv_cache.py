@@ -158,6 +158,18 @@ class SinkWindowManager(FullAttentionManager):
             self._evicted[request.request_id] = stream.num_evicted_pages
         return stream.num_computed
 
+    # -- swapped (preempted) streams ----------------------------------------------------------
+
+    def num_evicted_pages(self, request_id: str) -> int:
+        return self._evicted.get(request_id, 0)
+
+    def restore(self, request_id: str, blocks: list, num_evicted_pages: int) -> None:
+        """Give a swapped-out request its block list back: fresh pages where its stream keeps
+        pages, null entries (``None`` here) where eviction freed them."""
+        self.req_to_blocks[request_id] = [self._null_block if b is None else b for b in blocks]
+        if num_evicted_pages:
+            self._evicted[request_id] = num_evicted_pages
+
     def num_pages_held(self, request_id: str) -> int:
         """Real (non-null) pages the request holds now."""
         blocks = self.req_to_blocks.get(request_id)

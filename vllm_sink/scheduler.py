@@ -11,10 +11,18 @@ With vLLM's prefix caching on, a request that finishes normally parks its pages
 (:meth:`SinkWindowManager.park`), and a new request whose tokens extend a parked stream takes
 them over and waits with the stream's computed tokens, exactly like a streaming-input session's
 next chunk: only its new tokens are scheduled.
+
+A preempted request is swapped, not recomputed: the scheduler remembers where its stream stood
+(computed tokens, which of its pages the contract keeps) and the worker keeps a copy of those
+pages (at most ``max_pages``). When it is its turn again and the pool has room for those pages,
+it gets fresh ones and its computed tokens back, and the worker copies the pages in: it resumes
+exactly where it stopped, whatever its length, and only its uncomputed tokens are scheduled.
+Until then it stays out of vLLM's waiting queue, which would otherwise re-prefill it whole.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from vllm.v1.core.sched.scheduler import Scheduler
@@ -29,9 +37,28 @@ from vllm_sink.kv_cache import SinkWindowManager
 UNBOUNDED_LEN = 1 << 62
 
 
+@dataclass(frozen=True)
+class SwappedStream:
+    """Where a preempted request's stream stood; the worker holds its pages' contents."""
+
+    num_computed: int
+    live: tuple[bool, ...]  # per logical page: kept (True) or freed by eviction (null)
+    num_evicted_pages: int
+
+
 class SinkScheduler(Scheduler):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        groups = self.kv_cache_config.kv_cache_groups
+        if len(groups) != 1:
+            from vllm_sink.enable import UnsupportedConfigError
+
+            raise UnsupportedConfigError(
+                f"vllm_sink supports one KV-cache group (uniform attention layers), "
+                f"got {len(groups)}"
+            )
+        self.swapped: dict[str, SwappedStream] = {}
+        self.num_swapped_in = 0  # preempted streams resumed from their pages (not recomputed)
         self.max_model_len = UNBOUNDED_LEN
         self.kv_cache_manager.max_model_len = UNBOUNDED_LEN
         # Per-request step cap (``long_prefill_token_threshold``, set by the plugin so a
@@ -57,7 +84,56 @@ class SinkScheduler(Scheduler):
                 self.kv_cache_manager.record_prefix_cache_stats(request, resumed)
         super().add_request(request)
 
+    def _preempt_request(self, request: Request, *args: Any, **kwargs: Any) -> None:
+        manager = self.sink_manager()
+        rid, n = request.request_id, request.num_computed_tokens
+        if n:
+            # Free what the contract frees at n (the running loop may not have yet): the pages
+            # left are exactly the ones the worker copies out.
+            manager.remove_skipped_blocks(rid, n)
+            # Pages past the computed tokens (allocated for this step, if it was scheduled
+            # before being picked) hold nothing yet.
+            blocks = (manager.req_to_blocks.get(rid) or [])[: -(-n // self.block_size)]
+            self.swapped[rid] = SwappedStream(
+                n, tuple(not b.is_null for b in blocks), manager.num_evicted_pages(rid)
+            )
+        super()._preempt_request(request, *args, **kwargs)
+
+    def _swap_in(self) -> list[Request]:
+        """Give swapped requests their pages back where the pool has room; returns those that
+        must wait (kept out of the waiting queue for this step)."""
+        if not self.swapped:
+            return []
+        manager = self.sink_manager()
+        pool = manager.block_pool
+        # Running streams may each need a new page this step: leave them one.
+        reserve = len(self.running)
+        waiting, restored = [], []
+        for request in list(self.waiting):
+            swapped = self.swapped.get(request.request_id)
+            if swapped is None:
+                continue
+            need = sum(swapped.live)
+            if pool.get_num_free_blocks() - need < reserve:
+                waiting.append(request)
+                continue
+            fresh = iter(pool.get_new_blocks(need))
+            manager.restore(
+                request.request_id,
+                [next(fresh) if live else None for live in swapped.live],
+                swapped.num_evicted_pages,
+            )
+            request.num_computed_tokens = swapped.num_computed
+            del self.swapped[request.request_id]
+            self.num_swapped_in += 1
+            restored.append(request)
+        # vLLM keeps waiting requests that hold pages in their own queue, drained first.
+        self.waiting.remove_requests(restored + waiting)
+        self.kv_holding_waiting.prepend_requests(reversed(restored))  # keeps their order
+        return waiting
+
     def _free_blocks(self, request: Request) -> None:
+        self.swapped.pop(request.request_id, None)  # aborted while swapped out
         # Only a stream that ended normally is worth continuing; an aborted one may have been
         # cut mid-step, and a preempted one never comes through here.
         if request.status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED):
@@ -65,6 +141,14 @@ class SinkScheduler(Scheduler):
         super()._free_blocks(request)
 
     def schedule(self, *args: Any, **kwargs: Any) -> Any:
+        held_back = self._swap_in()
+        try:
+            return self._schedule(*args, **kwargs)
+        finally:
+            for request in reversed(held_back):
+                self.waiting.prepend_request(request)
+
+    def _schedule(self, *args: Any, **kwargs: Any) -> Any:
         running, waiting = self.get_request_counts()
         if running + waiting > 1:
             return super().schedule(*args, **kwargs)

@@ -79,6 +79,7 @@ class SinkWorkerExtension:
             "parked": len(tracker.parked) if tracker else 0,
             "parked_blocks": len(tracker.parked_blocks) if tracker else 0,
             "released_pending": len(tracker.released) if tracker else 0,
+            "swapped": len(tracker.swapped) if tracker else 0,
             "sink_offsets": max((len(getattr(b, "sink_offsets", ())) for b in builders), default=0),
             "pristine": max((len(p) for p in pristine), default=0),
             "runner_requests": len(runner.requests),
