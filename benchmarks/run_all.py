@@ -9,7 +9,8 @@ The engine benchmarks share one plugin and one vanilla engine (same sizes by def
 engine starts once; the conversation benchmark adds two engines with prefix caching on (in quick
 mode its re-prefill engine is the shared plugin one). The llama.cpp peer is skipped, with the
 reason recorded, when ``llama_cpp`` is not installed (``pip install -e '.[peer]'``, a ~16 minute
-build on 2 cores).
+build on 2 cores). The long perplexity run (``long_ppl``) is in the quick suite; ``--full``
+runs it only when ``--only`` names it (its full size takes hours).
 Writes ``run_all.json`` (what ran, how long, what was skipped) under ``--out-root`` and, for a
 full run into the default folder, regenerates ``benchmarks/results/TABLES.md``.
 """
@@ -36,7 +37,11 @@ SUITE = [
     "serving",
     "peer_llamacpp",
     "conversation",
+    "long_ppl",
 ]
+# Run by --full only when named in --only: at full size (a million tokens through each of two
+# plugin engines, plus 2,000 re-computed 1,024-token windows) it takes hours on 2 cores.
+FULL_ONLY_WHEN_NAMED = {"long_ppl": "hours at full size: run_all.py --full --only long_ppl"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,7 +53,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", choices=SUITE, default=None)
     parser.add_argument("--skip", nargs="+", choices=SUITE, default=[])
     parser.add_argument("--keep-going", action="store_true", help="continue after a failure")
+    parser.add_argument(
+        "--allow-dirty",
+        action="store_true",
+        help="write full results from a tree with uncommitted changes (not for committing)",
+    )
     args = parser.parse_args(argv)
+    # Committed results name the commit they ran on; they must be reproducible from it.
+    committed = args.full and args.out_root == RESULTS and not args.allow_dirty
+    if committed and machine_info()["git_dirty"]:
+        parser.error("the tree has uncommitted changes: commit first (or --allow-dirty)")
 
     names = [n for n in (args.only or SUITE) if n not in args.skip]
     report: dict = {"mode": "quick" if args.quick else "full", "machine": machine_info()}
@@ -59,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             entry: dict = {}
             report["benchmarks"][name] = entry
+            if args.full and not args.only and name in FULL_ONLY_WHEN_NAMED:
+                entry["skipped"] = FULL_ONLY_WHEN_NAMED[name]
+                log(f"{name}: skipped, {entry['skipped']}")
+                continue
             if name == "peer_llamacpp" and importlib.util.find_spec("llama_cpp") is None:
                 entry["skipped"] = "llama_cpp not installed (pip install -e '.[peer]')"
                 log(f"{name}: skipped, {entry['skipped']}")

@@ -275,6 +275,68 @@ def conversation(d: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _fmt(v: float | None, digits: int = 2) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def long_ppl(d: dict[str, Any]) -> str:
+    s, a, labels = d["summary"], d["settings"], d["labels"]
+    rows = []
+    for m in ("sinks", "window", "oracle"):
+        e = s[m]
+        ratio = s.get(f"ratio_{m}_to_oracle")
+        rows.append(
+            [
+                labels[m],
+                _fmt(e.get("ppl_all")),
+                _fmt(e.get("ppl_first_segment")),
+                _fmt(e.get("ppl_last_segment")),
+                f"{e['nll_targets_mean']:.4f}",
+                _fmt(e["ppl_targets"]),
+                f"**{ratio:.3f}**" if ratio is not None else "1",
+                f"{e['tok_s']:.0f}",
+            ]
+        )
+    head = [
+        "mode",
+        "ppl, all tokens",
+        "ppl, first segment",
+        "ppl, last segment",
+        "mean NLL on the targets",
+        "ppl on the targets",
+        "/ oracle",
+        "tok/s",
+    ]
+    # Segments at 1, 2, 5, 10, 20, 50, ... segments of input, and the last.
+    segs = d["segments"]
+    marks = {m * 10**k for k in range(8) for m in (1, 2, 5)}
+    picked = [r for i, r in enumerate(segs) if i + 1 in marks or i == len(segs) - 1]
+    seg_rows = [
+        [
+            f"{r['start']:,}-{r['end']:,}",
+            _fmt(r["ppl_sinks"]),
+            _fmt(r["ppl_window"]),
+            r["targets"],
+            _fmt(r["ratio_sinks"], 3),
+            _fmt(r["ratio_window"], 3),
+        ]
+        for r in picked
+    ]
+    seg_head = ["tokens", "ppl sinks", "ppl window", "targets", "sinks / oracle", "window / oracle"]
+    return "\n".join(
+        [
+            f"{s['tokens']:,} tokens, {a['dtype']}, {a['chunk']} tokens a step; "
+            f"{s['targets']:,} oracle targets. Per-segment ratio to the oracle (on each "
+            f"segment's targets): sinks {fmt_spread(s['ratio_sinks_per_segment'])}, window "
+            f"{fmt_spread(s['ratio_window_per_segment'])}.",
+            "",
+            _table(head, rows),
+            "",
+            _table(seg_head, seg_rows),
+        ]
+    )
+
+
 SECTIONS: dict[str, Callable[[dict[str, Any]], str]] = {
     "overhead": overhead,
     "long_stream": long_stream,
@@ -283,6 +345,7 @@ SECTIONS: dict[str, Callable[[dict[str, Any]], str]] = {
     "capacity": capacity,
     "serving": serving,
     "conversation": conversation,
+    "long_ppl": long_ppl,
 }
 
 

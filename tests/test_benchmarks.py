@@ -22,18 +22,28 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
 HAVE_LLAMA = importlib.util.find_spec("llama_cpp") is not None
-ENGINE_BENCHMARKS = ["overhead", "long_stream", "capacity", "recompute", "serving", "conversation"]
+ENGINE_BENCHMARKS = [
+    "overhead",
+    "long_stream",
+    "capacity",
+    "recompute",
+    "serving",
+    "conversation",
+    "long_ppl",
+]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PAGE = 32  # the benchmarks' KV block size
 
 # The quick suite starts four engines and two servers and takes 5 to 6.5 minutes on 2 CPU cores
-# (295 s and 385 s measured; serving, the longest, 131 s of the latter). The timeout only
-# catches a hang.
+# (295 s and 385 s measured; serving, the longest, 131 s of the latter), plus the long
+# perplexity run's three engines, about 4 minutes (``long_ppl --quick``: 241 s measured alone at
+# 16,000 tokens and 12 targets; now 10,000 and 8). The timeout only catches a hang.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3000)]
 
 
@@ -394,6 +404,104 @@ def test_conversation_numbers(quick_root):
         )
     assert s["last_turn"] == a["turns"]
     assert s["ttft_ratio_last_turn"] == pytest.approx(ratios[-1]["ttft_ratio"])
+
+
+def test_long_ppl_numbers(quick_root):
+    """A and B each scored the whole text as one evicting stream, the oracle scored exactly the
+    targets, and every perplexity and ratio reported is the recorded NLLs'."""
+    folder = quick_root / "long_ppl"
+    data = _results(quick_root, "long_ppl")
+    a, s, segs, modes = data["settings"], data["summary"], data["segments"], data["modes"]
+    engines, facts = data["engines"], data["engine_facts"]
+    # A: the plugin with sinks, B: the plugin without, the oracle: vanilla vLLM; all else equal.
+    asked = {"sinks": (a["sinks"], a["cache"] - a["sinks"]), "window": (0, a["cache"])}
+    assert set(engines) == set(facts) == {"sinks", "window", "oracle"}
+    for name, fact in facts.items():
+        cfg = engines[name]
+        assert fact["ready"] and fact["block_size"] == PAGE and not fact["prefix_caching"]
+        assert fact["dtype"] == cfg["dtype"] == a["dtype"], (name, fact)
+        assert fact["max_model_len"] == cfg["max_model_len"] == a["max_model_len"], (name, fact)
+        if name in asked:
+            assert (cfg["sink_tokens"], cfg["window_tokens"]) == asked[name], (name, cfg)
+            assert (fact["kv_manager"], fact["sink_tokens"], fact["window_tokens"]) == (
+                "SinkWindowManager",
+                *asked[name],
+            ), (name, fact)
+        else:
+            assert cfg["window_tokens"] is None and fact["kv_manager"] == "FullAttentionManager"
+    ignore = {"window_tokens", "sink_tokens"}
+    same = [{k: v for k, v in cfg.items() if k not in ignore} for cfg in engines.values()]
+    assert same[0] == same[1] == same[2], engines
+
+    # The streams: the whole text as one prompt each, far past max_model_len, in chunks of at
+    # most --chunk tokens, in the pages the contract allows (plus the chunk in flight).
+    npz = np.load(folder / "nll_per_token.npz")
+    ids, n = npz["token_ids"], a["tokens"]
+    assert len(ids) == n == s["tokens"] > 4 * a["max_model_len"]
+    for name, (sinks, window) in asked.items():
+        r = modes[name]
+        assert r["tokens"] == n and r["preemptions"] == 0, r
+        assert r["max_step_tokens"] <= a["chunk"] and r["steps"] >= n / a["chunk"], r
+        bound = _bound(sinks, window)
+        assert bound <= r["max_pages_held"] <= bound + math.ceil(a["chunk"] / PAGE), (r, bound)
+        nll = npz[name]
+        assert len(nll) == n and np.isnan(nll[0]), name
+        assert np.isfinite(nll[1:]).all() and (nll[1:] >= 0).all(), name
+    # Until a page can first be evicted (a step starting at W + one page past the sink pages)
+    # A and B compute the same thing; after it they differ.
+    first = min(math.ceil(k / PAGE) * PAGE + PAGE + w for k, w in asked.values())
+    A, B = npz["sinks"].astype(np.float64), npz["window"].astype(np.float64)
+    assert np.allclose(A[1:first], B[1:first], atol=1e-3), np.abs(A[1:first] - B[1:first]).max()
+    assert np.abs(A[2 * first :] - B[2 * first :]).mean() > 0.01
+    assert s["sinks"]["ppl_all"] != s["window"]["ppl_all"]
+
+    # Every segment's perplexity is its tokens' (token 0 has no log-probability).
+    assert [(r["start"], r["end"]) for r in segs] == [
+        (k, min(n, k + a["segment"])) for k in range(0, n, a["segment"])
+    ]
+    for name in asked:
+        for r in segs:
+            part = npz[name][r["start"] : r["end"]].astype(np.float64)
+            want = math.exp(np.nanmean(part))
+            assert r[f"ppl_{name}"] == pytest.approx(want, rel=1e-9), (name, r)
+        assert s[name]["ppl_all"] == pytest.approx(math.exp(np.nanmean(npz[name].astype(float))))
+
+    # The targets: evenly spread from position --cache on, shared by all three, the oracle's
+    # NLL of each the last prompt log-probability of a --cache-token prompt ending at it.
+    with (folder / "targets.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    pos = np.array([int(r["position"]) for r in rows])
+    expected = np.unique(np.linspace(a["cache"], n - 1, a["targets"]).round().astype(int))
+    assert len(pos) == a["targets"] and np.array_equal(pos, expected)
+    assert [int(r["oracle_token_id"]) for r in rows] == ids[pos].tolist()
+    o = modes["oracle"]
+    assert o["prompt_len"] == [a["cache"]] and o["tokens"] == a["cache"] * a["targets"], o
+    nll = {m: np.array([float(r[f"nll_{m}"]) for r in rows]) for m in ("sinks", "window", "oracle")}
+    assert np.array_equal(nll["sinks"], A[pos]) and np.array_equal(nll["window"], B[pos])
+    assert np.isfinite(nll["oracle"]).all() and (nll["oracle"] >= 0).all()
+    # Same tokens, similar contexts: the oracle is of the streams' order (a wrong token or
+    # context would not be).
+    assert 0.5 < s["ratio_sinks_to_oracle"] < 2, s
+
+    # The ratios, recomputed from the recorded NLLs.
+    ratios: dict[str, list[float]] = {"sinks": [], "window": []}
+    for r in segs:
+        mask = (pos >= r["start"]) & (pos < r["end"])
+        assert r["targets"] == mask.sum(), r
+        if not mask.any():
+            assert r["ratio_sinks"] is None and r["ratio_window"] is None, r
+            continue
+        for m in ("sinks", "window", "oracle"):
+            assert r[f"nll_targets_{m}"] == pytest.approx(nll[m][mask].mean(), rel=1e-9), (m, r)
+        for m in ratios:
+            want = math.exp(nll[m][mask].mean() - nll["oracle"][mask].mean())
+            assert r[f"ratio_{m}"] == pytest.approx(want, rel=1e-9), (m, r)
+            ratios[m].append(want)
+    assert sum(r["targets"] for r in segs) == a["targets"]
+    for m in ratios:
+        _same_spread(s[f"ratio_{m}_per_segment"], ratios[m])
+        want = math.exp(nll[m].mean() - nll["oracle"].mean())
+        assert s[f"ratio_{m}_to_oracle"] == pytest.approx(want, rel=1e-9)
 
 
 def test_peer_llamacpp(quick_root):

@@ -237,6 +237,34 @@ def test_seeded_request_with_a_chunked_prompt_is_refused(llm, text_tokens):
     assert len(out.outputs[0].token_ids) == 4
 
 
+def test_beam_search_past_max_model_len(llm, text_tokens):
+    """vLLM's beam search runs one request per beam and step; each extends its parent's
+    finished stream and resumes it (one owner; a sibling re-prefills). With one beam it is
+    greedy decoding, and equals it token for token; with two, it completes past the length."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+    from vllm.sampling_params import BeamSearchParams
+
+    prompt = text_tokens[:300]  # > max_model_len
+    steps = 24
+    (greedy,) = llm.generate(
+        TokensPrompt(prompt_token_ids=prompt),
+        SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True),
+    )
+    (one,) = llm.beam_search(
+        [TokensPrompt(prompt_token_ids=prompt)],
+        BeamSearchParams(beam_width=1, max_tokens=steps, ignore_eos=True),
+    )
+    assert one.sequences[0].tokens[len(prompt) :] == list(greedy.outputs[0].token_ids)
+    (two,) = llm.beam_search(
+        [TokensPrompt(prompt_token_ids=prompt)],
+        BeamSearchParams(beam_width=2, max_tokens=steps, ignore_eos=True),
+    )
+    assert len(two.sequences) == 2
+    assert all(len(s.tokens) == len(prompt) + steps for s in two.sequences)
+    assert two.sequences[0].cum_logprob >= two.sequences[1].cum_logprob
+
+
 def test_structured_output_past_the_window(llm, text_tokens):
     """A grammar whose answer is several windows long, after a prompt longer than
     max_model_len: the grammar lives in the scheduler and sees every token. (A regex that spells
@@ -327,7 +355,7 @@ def test_many_requests_leave_no_per_request_state(prefix_caching, tmp_path, text
 
     from vllm_sink.assets import make_tiny_llama
 
-    count = 10_000 if not prefix_caching else 2_000
+    count = 10_000 if not prefix_caching else 1_000
     model = make_tiny_llama(tmp_path / "tiny", max_position_embeddings=256)
     engine = sink_llm(
         model,
