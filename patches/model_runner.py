@@ -445,8 +445,9 @@ def apply() -> None:
     @functools.wraps(original_update)
     def _update_states(self, scheduler_output):
         tracker = tracker_of(self)
-        if tracker is not None:
-            _before_update(tracker, self, scheduler_output)
+        if tracker is None:
+            return original_update(self, scheduler_output)
+        _before_update(tracker, self, scheduler_output)
         if tracker.released or tracker.renamed:
             builders, impls = metadata_builders(self), sink_impls(self)
             # Free first: a renamed stream may take over a key freed in this step.

@@ -10,7 +10,10 @@ With no eviction yet the slots equal the original positions, so the reference is
 vanilla causal LM (checked against transformers in ``tests/test_reference.py``).
 
 The eviction and position rules are also exposed as small pure functions so they can be checked
-by hand and shared with the engine's tests.
+by hand. They are written here a second time, on purpose, independently of
+:mod:`vllm_sink.geometry` (which the engine uses): this module is the oracle the engine is tested
+against, and ``tests/test_geometry.py`` checks both against a token-by-token simulation of the
+contract's words.
 """
 
 from __future__ import annotations
