@@ -25,6 +25,10 @@ load)                         unsupported configs around the config build. Gone 
 sink config)                  prompts past ``max_model_len``, default ``max_tokens``. Gone with a
                               per-engine prompt-length policy. Test: ``test_engine_sink.py``,
                               ``test_envelope.py::test_shared_sampling_params_keep_no_default``.
+``output_processor`` (first   ``RequestState.from_new_request`` / ``make_request_output``: a
+sink config)                  streamed (DELTA) request keeps only the tail of its token ids,
+                              text and sample logprobs. Gone with a bounded-history option for
+                              DELTA requests. Test: ``test_host_state.py``.
 ``renderer_params`` (first    ``TokenizeParams._token_len_check``, ``BaseRenderer.
 sink config)                  default_cmpl_tok_params`` / ``default_chat_tok_params``: no length cut
                               of text prompts. Gone with the same policy. Test:
@@ -32,19 +36,32 @@ sink config)                  default_cmpl_tok_params`` / ``default_chat_tok_par
 ``openai_server`` (first      ``create_completion`` / ``create_chat_completion``, both
 sink config)                  ``build_tok_params``, both ``get_max_tokens``: the OpenAI layer's
                               length checks. Gone with the same policy. Test: ``test_serve.py``.
+``chat_serving`` (first sink   ``OpenAIServingChat.chat_completion_stream_generator``, recompiled
+config)                       from vLLM's source with one statement changed: the chat stream
+                              stops appending every delta to ``previous_texts`` (read only by
+                              ``--enable-log-outputs``). Gone when vLLM accumulates it only for
+                              that option. Test: ``test_host_state.py``.
 ``stat_loggers`` (first sink  ``async_llm.load_stat_logger_plugin_factories``: the ``vllm_sink:*``
 config)                       metrics for sink engines only. Gone with per-engine stat-logger
                               plugins. Test: ``test_serve.py`` (metrics).
 ``model_runner`` (worker of   ``GPUModelRunner._update_states`` / ``_prepare_inputs`` /
-a sink engine)                ``_get_prompt_logprobs_dict``, ``CPUModelRunner.load_model``:
-                              compacted requests, position offsets, the step plan for the
-                              backend, the sink backend registered for ``CPU_ATTN`` while the
-                              model is built. Gone with a runner hook for per-request block
-                              tables and positions. Test: every engine test.
+a sink engine)                ``_get_prompt_logprobs_dict`` / ``_bookkeeping_sync``,
+                              ``CPUModelRunner.load_model``: compacted requests, position
+                              offsets, the step plan for the backend, the sink backend
+                              registered for ``CPU_ATTN`` while the model is built, the
+                              model's rotary embedding swapped for a copy with float64 angles
+                              (``backend.exact_rope``), seeded generators restored (not
+                              rewound by offset, which the CPU generator cannot do) after a
+                              partial-prefill step. Gone with a runner hook for per-request
+                              block tables and positions (and a CPU fix for the rewind).
+                              Test: every engine test,
+                              ``test_envelope.py::test_seeded_request_with_a_chunked_prompt``,
+                              ``test_engine_positions.py``.
 ============================  ===================================================================
 
 Public extension points used, not patches: ``additional_config`` (settings),
 ``scheduler_cls`` (:mod:`vllm_sink.scheduler`), ``worker_extension_cls``
 (:mod:`vllm_sink.worker`), the KV-cache spec/manager registry (:mod:`vllm_sink.kv_cache`),
-``register_backend`` (scoped by ``model_runner``), ``async_scheduling=False``.
+``register_backend`` (scoped by ``model_runner``), ``async_scheduling=False``, the
+``vllm.endpoint_plugins`` entry point (``/vllm_sink/host_state``, :mod:`vllm_sink.endpoint`).
 """

@@ -7,8 +7,8 @@ bounded memory, so the length check is skipped for engines whose config enables 
 (the empty-prompt check stays). An omitted ``max_tokens`` keeps vLLM's default
 (``max_model_len - prompt_len``), floored at 1 so a long prompt still gets an answer
 (:func:`default_max_tokens`, the one place this rule lives); it is written into a copy of the
-caller's ``SamplingParams``, never the caller's object. A seeded request whose prompt would be
-prefilled in chunks is refused (:func:`check_seeded_prompt`).
+caller's ``SamplingParams``, never the caller's object. A streamed (``DELTA``) request's copy
+is marked (``extra_args[STREAM_MARK]``) so the front end keeps only the tail of its history.
 """
 
 from __future__ import annotations
@@ -19,32 +19,13 @@ from vllm_sink.compat import check_vllm_version
 from vllm_sink.settings import CONFIG_KEY
 
 _applied = False
+# Marks a streamed (DELTA) request of a sink engine in its SamplingParams.extra_args.
+STREAM_MARK = "vllm_sink_stream"
 
 
 def default_max_tokens(max_model_len: int, prompt_len: int) -> int:
     """``max_tokens`` for a request that gave none: vLLM's default, floored at 1."""
     return max(max_model_len - prompt_len, 1)
-
-
-def check_seeded_prompt(vllm_config, params, prompt_len: int) -> None:
-    """Refuse a seeded request whose prompt is prefilled in more than one chunk.
-
-    vLLM 0.32's CPU runner rewinds a seeded request's generator after each partial-prefill
-    step, which the CPU generator does not support: the engine crashes (vanilla vLLM too, once a
-    prompt is chunked). Eviction caps every request's chunk, so the request is refused here, with
-    a message naming the setting, instead of taking the engine down.
-    """
-    from vllm_sink.enable import step_tokens_per_request
-
-    if getattr(params, "seed", None) is None:
-        return
-    cap = step_tokens_per_request(vllm_config.scheduler_config)
-    if prompt_len > cap:
-        raise ValueError(
-            f"vllm_sink: a request with `seed` may not have a prompt longer than one prefill "
-            f"chunk ({prompt_len} > {cap} tokens): vLLM's CPU runner cannot replay a seeded "
-            "generator across chunks"
-        )
 
 
 def _enabled(processor) -> bool:
@@ -56,6 +37,7 @@ def apply() -> None:
     if _applied:
         return
     check_vllm_version("vllm_sink.patches.input_processor")
+    from vllm.sampling_params import RequestOutputKind, SamplingParams
     from vllm.v1.engine.input_processor import InputProcessor
 
     original_validate = InputProcessor._validate_prompt_len
@@ -68,14 +50,19 @@ def apply() -> None:
             if getattr(params, "max_tokens", 0) is None:
                 # vLLM's default, computed here where the prompt length is known.
                 params.max_tokens = default_max_tokens(self.model_config.max_model_len, prompt_len)
-            check_seeded_prompt(self.vllm_config, params, prompt_len)
             return None
         return original_validate(self, prompt_len, prompt_type)
 
     @functools.wraps(original_process)
     def process_inputs(self, request_id, prompt, params, *args, **kwargs):
-        if getattr(params, "max_tokens", 0) is None and _enabled(self):
-            params = params.clone()  # the default goes into a copy, not the caller's object
+        if isinstance(params, SamplingParams) and _enabled(self):
+            streamed = params.output_kind == RequestOutputKind.DELTA
+            if params.max_tokens is None or streamed:
+                params = params.clone()  # changes go into a copy, not the caller's object
+            if streamed:
+                # The front end keeps only the tail of this request's history
+                # (vllm_sink.patches.output_processor).
+                params.extra_args = {**(params.extra_args or {}), STREAM_MARK: True}
         self._vllm_sink_params = params
         try:
             return original_process(self, request_id, prompt, params, *args, **kwargs)

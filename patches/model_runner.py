@@ -1,6 +1,6 @@
-"""Patch ``GPUModelRunner._update_states``, ``_prepare_inputs`` and ``_get_prompt_logprobs_dict``
-(V1 runner; the CPU runner inherits them) and ``CPUModelRunner.load_model``: each request is
-kept compacted to ``[sink tokens | window tokens]``.
+"""Patch ``GPUModelRunner._update_states``, ``_prepare_inputs``, ``_get_prompt_logprobs_dict`` and
+``_bookkeeping_sync`` (V1 runner; the CPU runner inherits them) and ``CPUModelRunner.load_model``:
+each request is kept compacted to ``[sink tokens | window tokens]``.
 
 The runner sizes a request's token row and block-table row by ``max_model_len`` and derives
 positions, slot mapping and ``seq_lens`` from ``num_computed_tokens``; an unbounded stream
@@ -27,6 +27,11 @@ translates at the boundary:
   model (and vLLM's backend-selection cache is cleared around it), so an engine built later in
   the same process without ``vllm_sink`` gets the stock backend; each attention layer is then
   given its module's own rotary embedding (:func:`vllm_sink.backend.bind_model_ropes`).
+
+- ``_bookkeeping_sync``: after a step that discards a seeded request's sample (a partial
+  prefill), vLLM rewinds its generator by offset, which a CPU generator cannot do (the engine
+  dies; vanilla vLLM too, once a seeded prompt is chunked). Eviction caps every request's chunk,
+  so the sink runner keeps such generators' state in ``_prepare_inputs`` and restores it here.
 
 Every wrapper passes straight through for runners whose config does not enable ``vllm_sink``.
 Model Runner V2 (CUDA) would need its own counterpart; ``vllm_sink.enable`` refuses it.
@@ -421,6 +426,7 @@ def apply() -> None:
     original_update = GPUModelRunner._update_states
     original_prepare = GPUModelRunner._prepare_inputs
     original_prompt_logprobs = GPUModelRunner._get_prompt_logprobs_dict
+    original_bookkeeping = GPUModelRunner._bookkeeping_sync
 
     def tracker_of(runner) -> StreamTracker | None:
         tracker = getattr(runner, "_vllm_sink_tracker", None)
@@ -475,7 +481,28 @@ def apply() -> None:
             per_token = np.repeat(np.asarray(plan.offsets, dtype=np.int64), num_scheduled_tokens)
             total = len(per_token)
             self.positions[:total] += torch.from_numpy(per_token).to(self.positions.device)
+        # Seeded rows whose sampled token this step discards (a partial prefill): vLLM rewinds
+        # their generator by offset afterwards, which a CPU generator cannot do (it raises and
+        # the engine dies). Keep their state now, restore it instead (_bookkeeping_sync).
+        gens = self.input_batch.generators
+        rows = np.nonzero(self.discard_request_mask.np[: self.input_batch.num_reqs])[0]
+        self._vllm_sink_rewind = {int(i): gens[int(i)].get_state() for i in rows if int(i) in gens}
         return result
+
+    @functools.wraps(original_bookkeeping)
+    def _bookkeeping_sync(self, *args, **kwargs):
+        saved = getattr(self, "_vllm_sink_rewind", None)
+        if not saved:
+            return original_bookkeeping(self, *args, **kwargs)
+        self._vllm_sink_rewind = None
+        gens = self.input_batch.generators
+        held = {i: gens.pop(i) for i in saved if i in gens}
+        for i, generator in held.items():
+            generator.set_state(saved[i])  # as if this step had not sampled
+        try:
+            return original_bookkeeping(self, *args, **kwargs)
+        finally:
+            gens.update(held)
 
     @functools.wraps(original_prompt_logprobs)
     def _get_prompt_logprobs_dict(self, hidden_states, num_scheduled_tokens):
@@ -507,4 +534,5 @@ def apply() -> None:
     GPUModelRunner._update_states = _update_states
     GPUModelRunner._prepare_inputs = _prepare_inputs
     GPUModelRunner._get_prompt_logprobs_dict = _get_prompt_logprobs_dict
+    GPUModelRunner._bookkeeping_sync = _bookkeeping_sync
     _applied = True

@@ -86,8 +86,10 @@ def _rotary(**kw):
     from vllm.config import VllmConfig, set_current_vllm_config
     from vllm.model_executor.layers.rotary_embedding import get_rope
 
+    kw.setdefault("max_position", 512)
+    kw.setdefault("dtype", torch.float32)
     with set_current_vllm_config(VllmConfig()):
-        return get_rope(32, max_position=512, dtype=torch.float32, **kw)
+        return get_rope(32, **kw)
 
 
 @pytest.mark.parametrize("is_neox", [True, False], ids=["neox", "gpt-j"])
@@ -95,23 +97,75 @@ def _rotary(**kw):
 def test_rotator_moves_keys_as_the_models_rotary_embedding(is_neox, partial):
     """Re-rotating a key written at position p by e equals vLLM's own rotary embedding at p+e,
     for both pairing styles (GPT-J style comes from the model's embedding, not the config)."""
-    from vllm_sink.backend import rotator_from_model_rope
+    from vllm_sink.backend import exact_rope, rotator_from_model_rope
 
     rope = _rotary(
         is_neox_style=is_neox,
         rope_parameters={"rope_theta": 10000.0, "partial_rotary_factor": partial},
     )
     rotator = rotator_from_model_rope(rope, 32)
+    exact = exact_rope(rope)  # the embedding the engine's model runs (exact angles)
     torch.manual_seed(0)
     keys = torch.randn(5, 2 * 32)  # [tokens, kv_heads * head]
     q = torch.zeros_like(keys)
     pos = torch.tensor([3, 4, 17, 100, 200])
     for shift in (1, 37, 250, -3):
-        _, written = rope.forward_native(pos, q.clone(), keys.clone())
-        _, expected = rope.forward_native(pos + shift, q.clone(), keys.clone())
+        _, written = exact.forward_native(pos, q.clone(), keys.clone())
+        _, expected = exact.forward_native(pos + shift, q.clone(), keys.clone())
         moved = rotator.rotate(written.view(5, 2, 32), shift).view(5, -1)
-        # float32 cos/sin of angles up to ~450 rad round at ~3e-5.
-        torch.testing.assert_close(moved, expected, atol=5e-5, rtol=0)
+        # Two roundings of float32 products against one (vLLM's own float32 angles: 5e-5).
+        torch.testing.assert_close(moved, expected, atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"rope_theta": 100000.0},
+        {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
+        {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+         "high_freq_factor": 4.0, "original_max_position_embeddings": 128},
+    ],
+    ids=["default", "linear", "llama3"],
+)  # fmt: skip
+def test_exact_rope_table(params):
+    """The sink model's rotary embedding: vLLM's frequencies, angles exact at every position
+    (float32 angles are off by up to ~5e-4 rad at 8,000), and a copy: the embedding vLLM shares
+    between models built in one process keeps its own table."""
+    from vllm_sink.backend import exact_cos_sin, exact_rope
+
+    rope = _rotary(rope_parameters=params, max_position=8192)
+    own = rope.cos_sin_cache.clone()
+    exact = exact_rope(rope)
+    assert exact is not rope and torch.equal(rope.cos_sin_cache, own)
+    assert torch.equal(exact.cos_sin_cache, exact_cos_sin(rope))
+    # Truth: the same float32 frequencies, position x frequency in float64.
+    inv = rope._compute_inv_freq(rope.base).double()
+    factor = float(params["factor"]) if params.get("rope_type") == "linear" else 1.0
+    t = torch.arange(own.shape[0], dtype=torch.float64) / factor
+    truth = torch.cat((torch.outer(t, inv).cos(), torch.outer(t, inv).sin()), -1)
+    assert (exact.cos_sin_cache.double() - truth).abs().max() < 1e-7
+    late = own.shape[0] - 512  # vLLM's float32 angles, far along the table
+    assert (own[late:].double() - truth[late:]).abs().max() > 5e-5
+    # The copy rotates with its own table.
+    q, k = torch.randn(2, 64), torch.randn(2, 64)
+    pos = torch.tensor([7, own.shape[0] - 1])
+    _, k_exact = exact.forward_native(pos, q.clone(), k.clone())
+    _, k_own = rope.forward_native(pos, q.clone(), k.clone())
+    assert not torch.equal(k_exact[1], k_own[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_exact_rope_table_in_the_models_dtype(dtype):
+    """A bf16 or fp16 model's table: exact angles rounded to its dtype, equal to vLLM's own but
+    for that dtype's last bit (the start-up check allows exactly that)."""
+    from vllm_sink.backend import exact_cos_sin, exact_rope
+
+    rope = _rotary(rope_parameters={"rope_theta": 100000.0}, max_position=8192, dtype=dtype)
+    exact = exact_rope(rope)
+    assert exact.cos_sin_cache.dtype == rope.cos_sin_cache.dtype == dtype
+    assert torch.equal(exact.cos_sin_cache, exact_cos_sin(rope).to(dtype))
+    differ = (exact.cos_sin_cache != rope.cos_sin_cache).float().mean()
+    assert differ < 0.05, differ  # the last bit of a few values
 
 
 def test_rotator_refuses_a_scaled_table():
@@ -224,17 +278,23 @@ def test_n_greater_than_one(llm, text_tokens):
     assert got[0] != got[1]
 
 
-def test_seeded_request_with_a_chunked_prompt_is_refused(llm, text_tokens):
-    """vLLM's CPU runner crashes on a seeded request whose prompt is prefilled in chunks (vanilla
-    too): the plugin refuses that request by name, and the engine keeps serving."""
+def test_seeded_request_with_a_chunked_prompt(llm, text_tokens):
+    """vLLM's CPU runner rewinds a seeded generator by offset after a partial-prefill step, which
+    the CPU generator cannot do (vanilla vLLM's engine dies, once a prompt is chunked). The sink
+    runner restores the generator's state instead: a seeded request whose prompt is prefilled
+    in chunks samples exactly what it samples when its chunks fall differently (alone, or
+    sharing each step's budget with other prompts), and other seeds still differ."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    long_prompt = TokensPrompt(prompt_token_ids=text_tokens[:300])
-    with pytest.raises(ValueError, match="`seed`"):
-        llm.generate(long_prompt, SamplingParams(seed=1, max_tokens=4))
-    (out,) = llm.generate(long_prompt, SamplingParams(temperature=0, max_tokens=4))
-    assert len(out.outputs[0].token_ids) == 4
+    long_prompt = TokensPrompt(prompt_token_ids=text_tokens[:300])  # several chunks
+    params = SamplingParams(seed=1, temperature=1.0, max_tokens=40, ignore_eos=True)
+    (alone,) = llm.generate(long_prompt, params)
+    others = [TokensPrompt(prompt_token_ids=text_tokens[i : i + 90]) for i in (400, 600, 800)]
+    batch = llm.generate([*others, long_prompt], [params.clone() for _ in range(4)])
+    assert list(batch[-1].outputs[0].token_ids) == list(alone.outputs[0].token_ids)
+    (other_seed,) = llm.generate(long_prompt, SamplingParams(seed=2, max_tokens=40))
+    assert list(other_seed.outputs[0].token_ids) != list(alone.outputs[0].token_ids)
 
 
 def test_beam_search_past_max_model_len(llm, text_tokens):

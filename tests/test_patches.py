@@ -26,6 +26,14 @@ REPLACED = {
         ("vllm.v1.engine.input_processor:InputProcessor", "_validate_prompt_len"),
         ("vllm.v1.engine.input_processor:InputProcessor", "process_inputs"),
     ],
+    "output_processor": [
+        ("vllm.v1.engine.output_processor:RequestState", "from_new_request"),
+        ("vllm.v1.engine.output_processor:RequestState", "make_request_output"),
+    ],
+    "chat_serving": [
+        ("vllm.entrypoints.openai.chat_completion.serving:OpenAIServingChat",
+         "chat_completion_stream_generator"),
+    ],
     "renderer_params": [
         ("vllm.renderers.params:TokenizeParams", "_token_len_check"),
         ("vllm.renderers.base:BaseRenderer", "default_cmpl_tok_params"),
@@ -46,11 +54,19 @@ REPLACED = {
         ("vllm.v1.worker.gpu_model_runner:GPUModelRunner", "_update_states"),
         ("vllm.v1.worker.gpu_model_runner:GPUModelRunner", "_prepare_inputs"),
         ("vllm.v1.worker.gpu_model_runner:GPUModelRunner", "_get_prompt_logprobs_dict"),
+        ("vllm.v1.worker.gpu_model_runner:GPUModelRunner", "_bookkeeping_sync"),
         ("vllm.v1.worker.cpu_model_runner:CPUModelRunner", "load_model"),
     ],
 }  # fmt: skip
 ALWAYS = ["cli_args", "engine_args"]  # installed at plugin load: how the feature is noticed
-FRONT_END = ["input_processor", "renderer_params", "openai_server", "stat_loggers"]
+FRONT_END = [
+    "input_processor",
+    "output_processor",
+    "renderer_params",
+    "openai_server",
+    "chat_serving",
+    "stat_loggers",
+]
 GUARDED = [*FRONT_END, "model_runner"]
 
 CHECK = """

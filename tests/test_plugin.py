@@ -70,7 +70,13 @@ def test_installed_but_off_changes_nothing(model_dir, vanilla):
     assert "vllm-sink plugin registered" not in vanilla_log
     for a, b in zip(vanilla_result["outputs"], off_result["outputs"], strict=True):
         assert a["tokens"] == b["tokens"]
-        assert a["logprobs"] == b["logprobs"]  # bit-identical
+        # Bit-identical but for the last step: there vanilla vLLM differs from itself run to
+        # run (measured: 1 run in 3 gave other bits at step 23 of 24, by up to 2.4e-6 nats),
+        # so that step is held to float32 noise instead.
+        assert a["logprobs"][:-1] == b["logprobs"][:-1]
+        last_a, last_b = a["logprobs"][-1], b["logprobs"][-1]
+        assert last_a.keys() == last_b.keys()
+        assert all(abs(last_a[k] - last_b[k]) <= 1e-5 for k in last_a)
 
 
 def test_enabled_matches_vanilla_before_eviction(model_dir, vanilla):

@@ -251,3 +251,19 @@ def test_recompute_baseline(model, tokens):
             fresh = -StreamingReference(model, sink_tokens=None, window_tokens=None).score(ctx, 65)
             assert nll[t] == pytest.approx(fresh[-1], abs=1e-4)
             assert abs(nll[t] - dense[t]) > 1e-4
+
+
+def test_rope_angles_are_exact_at_any_position():
+    """Position x frequency in float64: float32 would round the angle by up to ~5e-4 rad at
+    8,000 and differently at each position, which shifted positions would see as noise."""
+    from vllm_sink.reference import _cos_sin, rope_inv_freq
+
+    inv, _ = rope_inv_freq({"hidden_size": 64, "num_attention_heads": 1, "rope_theta": 1e5})
+    pos = torch.tensor([3, 4000, 8191, 100_000])
+    cos, sin = _cos_sin(inv, pos, torch.float32)
+    angles = pos.double()[:, None] * inv.double()[None, :]
+    angles = torch.cat((angles, angles), dim=-1)
+    assert (cos.double() - angles.cos()).abs().max() < 1e-7
+    assert (sin.double() - angles.sin()).abs().max() < 1e-7
+    rounded = (pos.float()[:, None] * inv[None, :]).double()  # what float32 angles would give
+    assert (rounded.cos() - angles[:, :32].cos()).abs().max() > 1e-5

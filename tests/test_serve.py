@@ -6,6 +6,7 @@ One real ``vllm serve`` process (module fixture) with ``max_model_len`` 512; req
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import functools
 import importlib.metadata
 import json
@@ -18,8 +19,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import metrics_sampler
 import pytest
 import requests
 
@@ -84,17 +87,13 @@ def _kill_group(proc: subprocess.Popen) -> None:
         proc.wait(timeout=30)
 
 
-@pytest.fixture(scope="module")
-def server(model_dir, cli_env, tmp_path_factory):
-    """Base URL of a running ``vllm serve`` with sink eviction (killed with its process group)."""
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("serve") / "server.log"
-    cmd = [VLLM, "serve", str(model_dir), "--served-model-name", SERVED,
-           "--host", "127.0.0.1", "--port", str(port),
-           "--sink-tokens", "4", "--window-tokens", "256", *SERVE_ARGS]  # fmt: skip
+@contextlib.contextmanager
+def running_server(cmd: list[str], env: dict, log_path: Path, port: int) -> Iterator[str]:
+    """Start ``cmd`` (a ``vllm serve``) in its own process group, yield its URL once healthy,
+    and kill the group on the way out."""
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            cmd, env=cli_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -115,6 +114,18 @@ def server(model_dir, cli_env, tmp_path_factory):
         yield url
     finally:
         _kill_group(proc)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, cli_env, tmp_path_factory):
+    """Base URL of a running ``vllm serve`` with sink eviction (killed with its process group)."""
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("serve") / "server.log"
+    cmd = [VLLM, "serve", str(model_dir), "--served-model-name", SERVED,
+           "--host", "127.0.0.1", "--port", str(port),
+           "--sink-tokens", "4", "--window-tokens", "256", *SERVE_ARGS]  # fmt: skip
+    with running_server(cmd, cli_env, log_path, port) as url:
+        yield url
     assert "vllm_sink enabled" in log_path.read_text()
 
 
@@ -143,12 +154,7 @@ def long_prompt(tokenizer) -> str:
 
 def _metrics(url: str) -> dict[str, float]:
     """``/metrics`` as series name -> value (one model, one engine: labels dropped)."""
-    out = {}
-    for line in requests.get(f"{url}/metrics", timeout=10).text.splitlines():
-        if line and not line.startswith("#"):
-            series, value = line.rsplit(" ", 1)
-            out[series.split("{", 1)[0]] = float(value)
-    return out
+    return metrics_sampler.scrape(url)
 
 
 def _running(url: str) -> float:
@@ -160,6 +166,19 @@ def _num_blocks(url: str) -> int:
     """The KV block pool's size, from vLLM's ``cache_config_info`` series."""
     text = requests.get(f"{url}/metrics", timeout=10).text
     return int(re.search(r'vllm:cache_config_info\{[^}]*num_gpu_blocks="(\d+)"', text).group(1))
+
+
+def _step_batches(url: str) -> dict[str, float]:
+    """``vllm_sink:requests_per_step`` as bucket bound -> engine steps that ran at most that many
+    requests (cumulative since the server started)."""
+    text = requests.get(f"{url}/metrics", timeout=60).text
+    pattern = r'vllm_sink:requests_per_step_bucket\{[^}]*le="([^"]+)"[^}]*\} (\S+)'
+    return {m.group(1): float(m.group(2)) for m in re.finditer(pattern, text)}
+
+
+def _steps_above(before: dict[str, float], after: dict[str, float], bound: str) -> float:
+    """Engine steps between two ``_step_batches`` readings that ran more than ``bound`` requests."""
+    return (after["+Inf"] - after[bound]) - (before["+Inf"] - before[bound])
 
 
 def _wait_idle(url: str, timeout: float = 120) -> dict[str, float]:
@@ -376,7 +395,7 @@ SAMPLED = ("vllm:num_requests_running", "vllm:kv_cache_usage_perc", "vllm_sink:k
 
 
 @pytest.fixture(scope="module")
-def long_requests(client, server, long_prompt):
+def long_requests(client, server, long_prompt, tmp_path_factory):
     """The long requests, run concurrently (one CPU decode batch instead of one after another).
 
     Eight streams (seven completions, one chat over a history longer than max_model_len) and one
@@ -387,6 +406,7 @@ def long_requests(client, server, long_prompt):
     extra = {"ignore_eos": True}
     stream_opts = {"stream": True, "stream_options": {"include_usage": True}}
     before = _metrics(server)
+    steps_before = _step_batches(server)
 
     def completion_stream(prompt: str, n: int):
         text, usage, finish = [], None, None
@@ -420,7 +440,6 @@ def long_requests(client, server, long_prompt):
     jobs = {name: functools.partial(completion_stream, *job) for name, job in STREAMS.items()}
     jobs |= {"chat": chat_stream, "non_streaming": non_streaming}
     results: dict = {}
-    samples: list[dict[str, float]] = []
 
     def run(name: str) -> None:
         try:
@@ -429,17 +448,24 @@ def long_requests(client, server, long_prompt):
             results[name] = err
 
     threads = [threading.Thread(target=run, args=(name,)) for name in jobs]
-    for t in threads:
-        t.start()
-    while any(t.is_alive() for t in threads):
-        m = _metrics(server)
-        samples.append({k: m[k] for k in SAMPLED})
-        time.sleep(0.5)
-    for t in threads:
-        t.join(timeout=900)
-    results["samples"] = samples
+    # The scrapes run in a process of their own (metrics_sampler.py says why).
+    out = tmp_path_factory.mktemp("metrics") / "samples.jsonl"
+    sampler = subprocess.Popen(
+        [sys.executable, metrics_sampler.__file__, server, str(out), *SAMPLED]
+    )
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=900)
+        assert sampler.poll() is None, f"the metrics sampler exited ({sampler.returncode})"
+    finally:
+        sampler.terminate()
+        sampler.wait(timeout=60)
+    results["samples"] = metrics_sampler.read(str(out))
     results["before"] = before
     results["after"] = _wait_idle(server)
+    results["steps"] = (steps_before, _step_batches(server))
     return results
 
 
@@ -466,8 +492,11 @@ def test_parallel_streams(long_requests, tokenizer):
         text, usage, finish = _result(long_requests, name)
         assert finish == "length" and text, name
         assert usage.completion_tokens == STREAMS[name][1] > MAX_MODEL_LEN, name
-    # They really ran side by side.
-    assert max(s["vllm:num_requests_running"] for s in long_requests["samples"]) >= 8
+    # They really ran side by side: engine steps that ran all nine requests (the server counts
+    # every step; ~500 on an idle machine, the short streams' length). A /metrics scrape could
+    # miss that phase on a busy machine (one CI run's scrapes never saw more than seven).
+    all_nine = _steps_above(*long_requests["steps"], "8.0")
+    assert all_nine >= 100, (all_nine, long_requests["steps"])
     assert long_requests["after"]["vllm:num_requests_running"] == 0
 
 
@@ -488,40 +517,85 @@ def test_sink_metrics_move(long_requests, tokenizer):
     assert expected > 150
     assert abs(freed - expected) <= 9, (freed, expected)  # at most one page per request
     assert evicted == freed * BLOCK
-    # The counters moved while the streams ran, not only at the end.
+    # The counters moved while the streams ran, not only at the end. How many scrapes land in
+    # the run depends on how busy the machine is (CI once got 11 where an idle machine gets ~140),
+    # so this asks for movement seen by several scrapes, not for a count of distinct values.
     freed_seen = [s["vllm_sink:pages_freed_total"] for s in samples]
-    assert len(set(freed_seen)) > 10 and freed_seen == sorted(freed_seen)
+    assert freed_seen == sorted(freed_seen)
+    start = before["vllm_sink:pages_freed_total"]
+    moving = {
+        s["vllm_sink:pages_freed_total"]
+        for s in samples
+        if s["vllm:num_requests_running"] > 0 and s["vllm_sink:pages_freed_total"] > start
+    }
+    assert len(moving) >= 3, _timeline(samples)
     held = [s["vllm_sink:kv_pages_held"] for s in samples]
     assert max(held) > 0
     assert max(s["vllm_sink:kv_pages_per_request_max"] for s in samples) <= PAGE_BOUND
-    assert max(s["vllm_sink:num_requests_running"] for s in samples) >= 8
+    assert max(s["vllm_sink:num_requests_running"] for s in samples) >= 1
+    # The sink's count per step reached all nine requests (test_parallel_streams: how often).
+    assert _steps_above(*long_requests["steps"], "8.0") > 0
     assert after["vllm_sink:kv_pages_held"] == after["vllm_sink:num_requests_running"] == 0
 
 
-def test_kv_cache_usage_flat(long_requests, server):
-    """vLLM's own ``kv_cache_usage`` stays flat while a steady set of unbounded streams runs.
+def _timeline(samples: list[dict[str, float]]) -> list[tuple[int, int, int, float, float]]:
+    """Run-length view of the samples for failure messages: (vLLM's running count, the sink
+    gauge's, scrapes, first scrape's time, the slowest scrape's wait) per run."""
+    runs: list[tuple[int, int, int, float, float]] = []
+    for s in samples:
+        key = (int(s["vllm:num_requests_running"]), int(s["vllm_sink:num_requests_running"]))
+        if runs and runs[-1][:2] == key:
+            n, t, took = runs[-1][2:]
+            runs[-1] = (*key, n + 1, t, round(max(took, s["took"]), 2))
+        else:
+            runs.append((*key, 1, round(s["t"], 1), round(s["took"], 2)))
+    return runs
 
-    Phases with a constant number of running requests after the short streams ended: the three
-    mid streams and the long one (all past max_model_len), then the long one alone. Without
-    eviction each stream would add a page every 32 tokens; with it each holds a bounded count
-    that only wobbles by the page being filled.
+
+def test_kv_cache_usage_flat(long_requests, server):
+    """vLLM's own ``kv_cache_usage`` stays bounded, and flat while a steady set of unbounded
+    streams runs.
+
+    Bounded: at every scrape while the streams ran, the pages vLLM's block pool counts as used
+    stay within the contract's bound per running request. Without eviction the streams outgrow
+    it within the first phase (nine streams past 384 tokens each) and the later ones (four
+    streams of 1,000+ tokens would hold ~32 pages each, the bound is 12).
+    Flat: in each phase with a constant number of running requests that the scrapes saw long
+    enough (after the short streams ended: the three mid streams and the long one, then the long
+    one alone), the count only wobbles by the page being filled. On an idle machine both phases
+    get ~30 scrapes; on a busy one the end of a phase may be missed, so flatness is asked of the
+    phases seen long enough (at least one) and the bound of every scrape.
     """
     blocks = _num_blocks(server)
     samples = long_requests["samples"]
-    # From the moment all streams ran together (before it, requests were still arriving).
-    start = next(i for i, s in enumerate(samples) if s["vllm:num_requests_running"] >= 8)
+    # From the first scrape that saw all streams together (before it, requests were still
+    # arriving); a busy machine's scrapes may miss that phase, then from the most they saw.
+    top = min(8, max(s["vllm:num_requests_running"] for s in samples))
+    start = next(i for i, s in enumerate(samples) if s["vllm:num_requests_running"] >= top)
+    live = [s for s in samples[start:] if s["vllm:num_requests_running"] > 0]
+    assert len(live) >= 5, _timeline(samples)
+    for s in live:
+        used = s["vllm:kv_cache_usage_perc"] * blocks
+        running = s["vllm:num_requests_running"]
+        assert used <= running * PAGE_BOUND + 0.5, (used, running, _timeline(samples))
+    # Eviction was under way while the bound was checked (freed pages seen mid-run).
+    first_freed = long_requests["before"]["vllm_sink:pages_freed_total"]
+    assert max(s["vllm_sink:pages_freed_total"] for s in live) > first_freed + 50
+    measured = []
     for streams in (4, 1):
+        # vLLM's own count of running requests defines the phase (the sink gauge's count is
+        # checked by test_sink_metrics_move).
         phase = [
             s["vllm:kv_cache_usage_perc"] * blocks
-            for s in samples[start:]
+            for s in live
             if s["vllm:num_requests_running"] == streams
-            and s["vllm_sink:num_requests_running"] == streams
         ]
-        assert len(phase) >= 10, (streams, len(phase))
         # Drop the edges, where a request is just leaving between scrapes.
         phase = phase[2:-2]
-        assert max(phase) - min(phase) <= 2 * streams, (streams, min(phase), max(phase))
-        assert max(phase) <= streams * PAGE_BOUND
+        if len(phase) >= 6:
+            assert max(phase) - min(phase) <= 2 * streams, (streams, min(phase), max(phase))
+            measured.append(streams)
+    assert measured, _timeline(samples)  # the sampler saw at least one steady phase
 
 
 def test_chat_stream_past_max_model_len(long_requests, tokenizer, long_prompt):
@@ -679,10 +753,15 @@ def test_chat_client_resending_history_resumes(server, client, tokenizer):
     for k in range(1, CHAT_TURNS):
         if turns[k][2]:
             assert turns[k][2] == turns[k - 1][1] + turns[k - 1][3] - 1, (k, turns[k - 1 : k + 1])
+    # Flat time to first token. Re-prefilling the history would make turn 50 wait for ~6,000
+    # tokens at 64 a step (seconds, against ~0.3 s); noise on a shared machine made the last
+    # five turns' median 1.58x the early one's once (0.43 s against 0.27 s; 0.94x-1.06x here),
+    # so the last turns' best is held to twice the early median.
     ttft = [t[0] for t in turns]
-    early, late = statistics.median(ttft[2:7]), statistics.median(ttft[45:50])
-    print(f"chat TTFT turn 5 {ttft[4]:.3f}s, 50 {ttft[49]:.3f}s; medians {early:.3f} {late:.3f}")
-    assert late <= 1.5 * early
+    early, late = statistics.median(ttft[2:7]), min(ttft[45:50])
+    print(f"chat TTFT turn 5 {ttft[4]:.3f}s, 50 {ttft[49]:.3f}s; early median {early:.3f}, "
+          f"late best {late:.3f}")  # fmt: skip
+    assert late <= 2 * early, ttft
 
 
 def test_no_pages_after_clients_leave(server):

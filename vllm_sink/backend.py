@@ -19,6 +19,7 @@ same way.
 from __future__ import annotations
 
 import functools
+from copy import deepcopy
 from dataclasses import dataclass, field
 
 import torch
@@ -165,14 +166,11 @@ def page_layout(
     return perms[0], perms[1]
 
 
-def rotator_from_model_rope(rope: torch.nn.Module, head_size: int) -> SinkRotator:
-    """A rotator that re-rotates keys exactly as the model's own rotary embedding rotates them.
-
-    Only embeddings whose rotation at position ``p`` is a pure rotation by ``p`` times fixed
+def _check_rope_kind(rope: torch.nn.Module) -> None:
+    """Only embeddings whose rotation at position ``p`` is a pure rotation by ``p`` times fixed
     frequencies are accepted (plain, linear and Llama-3 scaling; partial rotary and either
     pairing style come from the embedding itself). Anything else is refused by name: re-rotating
-    its keys would compute something other than cache-slot positions.
-    """
+    its keys would compute something other than cache-slot positions."""
     from vllm.model_executor.layers.rotary_embedding import (
         LinearScalingRotaryEmbedding,
         Llama3RotaryEmbedding,
@@ -188,22 +186,83 @@ def rotator_from_model_rope(rope: torch.nn.Module, head_size: int) -> SinkRotato
         raise UnsupportedConfigError(
             f"vllm_sink does not support the model's rotary embedding {kind.__name__}"
         )
-    cos_sin = rope._compute_cos_sin_cache().float()  # float32, whatever the model's dtype
+
+
+def exact_cos_sin(rope: torch.nn.Module) -> torch.Tensor:
+    """``rope``'s cos/sin table (float32, ``[rows, rotary_dim]``) with every angle computed in
+    float64: the same frequencies (``rope._compute_inv_freq``, float32) and positions.
+
+    vLLM, like transformers, multiplies position by frequency in float32, which rounds the angle
+    by up to half an ulp of ``p * f``: ~1e-4 rad at position 2,000, ~5e-4 at 8,000. The engine's
+    positions are shifted from the cache slots (RoPE only sees differences), so that rounding
+    differs from the reference's token by token, and grows with how far positions climb before a
+    rebase (measured: engine vs reference up to 9e-4 nats a token at the model's 8,192 positions,
+    the same as the reference against itself shifted by 4,000). With exact angles only the last
+    bit of each cos/sin remains, at any position: 4e-5 at most, as before any eviction.
+    """
+    from vllm.model_executor.layers.rotary_embedding import LinearScalingRotaryEmbedding
+
+    _check_rope_kind(rope)
+    inv_freq = rope._compute_inv_freq(rope.base).to(torch.float64)
+    t = torch.arange(rope.cos_sin_cache.shape[0], dtype=torch.float64)
+    if isinstance(rope, LinearScalingRotaryEmbedding):
+        t = t / rope.scaling_factors[0]
+    freqs = torch.outer(t, inv_freq)
+    return torch.cat((freqs.cos(), freqs.sin()), dim=-1).float()
+
+
+def exact_rope(rope: torch.nn.Module, table: torch.Tensor | None = None) -> torch.nn.Module:
+    """A copy of ``rope`` whose table is :func:`exact_cos_sin` (in the table's own dtype);
+    ``table``: that float32 table, where the caller has it already.
+
+    A copy, because vLLM shares one embedding between every model built with the same rope
+    settings in a process (``get_rope``'s cache): a vanilla engine built after a sink engine must
+    keep vLLM's own table. Refuses a table that is not cos/sin of position times frequency (it
+    must equal vLLM's own where float32 angles are still exact to 1e-5).
+    """
+    from vllm_sink.enable import UnsupportedConfigError
+
+    table = exact_cos_sin(rope) if table is None else table
+    own = rope.cos_sin_cache
+    head = min(256, table.shape[0])  # angles below ~256 rad round by 1.5e-5 at most in float32
+    # A bf16 or fp16 table holds each value to its own dtype's rounding.
+    atol = 1e-4 + torch.finfo(own.dtype).eps
+    if own.shape != table.shape or not torch.allclose(
+        table[:head], own[:head].float(), atol=atol, rtol=0
+    ):
+        raise UnsupportedConfigError(
+            f"vllm_sink does not support {type(rope).__name__}: its cos/sin table is not "
+            "cos/sin of position times frequency"
+        )
+    copy = deepcopy(rope)  # rebinds the op's bound forward method to the copy
+    copy.cos_sin_cache = table.to(dtype=own.dtype, device=own.device)
+    return copy
+
+
+def rotator_from_model_rope(rope: torch.nn.Module, head_size: int) -> SinkRotator:
+    """A rotator that re-rotates keys exactly as the model's own rotary embedding rotates them,
+    by the same float32 table with exact angles (:func:`exact_cos_sin`), whatever the model's
+    dtype. Refuses an embedding whose table scales keys (YaRN's attention factor)."""
+    from vllm_sink.enable import UnsupportedConfigError
+
+    cos_sin = exact_cos_sin(rope)
     cos, sin = cos_sin.chunk(2, dim=-1)
     if not torch.allclose(cos * cos + sin * sin, torch.ones_like(cos), atol=1e-5):
         raise UnsupportedConfigError(
-            f"vllm_sink does not support {kind.__name__}: its cos/sin table scales keys"
+            f"vllm_sink does not support {type(rope).__name__}: its cos/sin table scales keys"
         )
     return SinkRotator(head_size, rope.rotary_dim, rope.is_neox_style, cos_sin)
 
 
 def bind_model_ropes(model: torch.nn.Module) -> int:
-    """Give every sink attention layer of ``model`` the rotary embedding of its own module
-    (vLLM's model code keeps it next to the layer, as ``rotary_emb``); returns layers bound."""
+    """Give every sink attention layer of ``model`` a rotary embedding with exact angles
+    (:func:`exact_rope`, replacing its module's ``rotary_emb``, where vLLM's model code keeps
+    it) and a rotator from the same table; returns layers bound."""
     from vllm_sink.enable import UnsupportedConfigError
 
     bound, unbound = 0, []
-    tables: dict[int, SinkRotator] = {}  # one cos/sin table per rotary embedding
+    # One exact copy and one cos/sin table per rotary embedding the model shares between layers.
+    copies: dict[int, tuple[torch.nn.Module, SinkRotator]] = {}
     for name, module in model.named_modules():
         impl = getattr(getattr(module, "attn", None), "impl", None)
         if not isinstance(impl, SinkCPUAttentionBackendImpl):
@@ -212,9 +271,10 @@ def bind_model_ropes(model: torch.nn.Module) -> int:
         if rope is None:
             unbound.append(name)
             continue
-        shared = tables.get(id(rope))
-        if shared is None:
-            shared = tables[id(rope)] = rotator_from_model_rope(rope, impl.head_size)
+        if id(rope) not in copies:
+            rotator = rotator_from_model_rope(rope, impl.head_size)
+            copies[id(rope)] = (exact_rope(rope, rotator.cos_sin), rotator)
+        module.rotary_emb, shared = copies[id(rope)]
         impl.rotator = SinkRotator(
             shared.head_size, shared.rotary_dim, shared.is_neox, shared.cos_sin
         )

@@ -190,11 +190,20 @@ def finalize_config(vllm_config: Any, settings: SinkSettings) -> None:
             room,
         )
         scheduler_config.long_prefill_token_threshold = room
-    from vllm_sink.patches import input_processor, openai_server, renderer_params, stat_loggers
+    from vllm_sink.patches import (
+        chat_serving,
+        input_processor,
+        openai_server,
+        output_processor,
+        renderer_params,
+        stat_loggers,
+    )
 
     input_processor.apply()
+    output_processor.apply()
     renderer_params.apply()
     openai_server.apply()
+    chat_serving.apply()
     stat_loggers.apply()
     logger.info(
         "vllm_sink enabled: sink_tokens=%d (%d page(s) of %d), window_tokens=%d, "

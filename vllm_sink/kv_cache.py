@@ -9,6 +9,9 @@ Pages are never shared through vLLM's prefix cache: the worker re-rotates sink k
 so a page's content is not a function of its tokens alone. With vLLM's prefix caching switched
 on (its default), a finished request's pages are parked instead (:mod:`vllm_sink.parked`) and a
 later request that extends its tokens continues the stream on them.
+
+From a request's first eviction its block list is a :class:`~vllm_sink.block_list.BlockList`:
+the run of freed pages is a count, so the list stays bounded however long the stream runs.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
 from vllm_sink import geometry
+from vllm_sink.block_list import BlockList
 from vllm_sink.parked import ParkedStream, ParkedStreams
 
 
@@ -100,6 +104,12 @@ class SinkWindowManager(FullAttentionManager):
         )
         # Frees back to front and stops at the first null block: pages freed earlier stay
         # null, so each step only walks the pages newly left behind by the window.
+        blocks = self.req_to_blocks.get(request_id)
+        if blocks is not None and not isinstance(blocks, BlockList) and freed:
+            # The freed run is kept as a count from now on (bounded host memory per stream).
+            self.req_to_blocks[request_id] = BlockList(
+                blocks, spec.num_sink_pages, self._null_block
+            )
         free_before = self.block_pool.get_num_free_blocks()
         self._remove_blocks_in_range(request_id, freed.start, freed.stop)
         newly_freed = self.block_pool.get_num_free_blocks() - free_before
@@ -163,10 +173,20 @@ class SinkWindowManager(FullAttentionManager):
     def num_evicted_pages(self, request_id: str) -> int:
         return self._evicted.get(request_id, 0)
 
-    def restore(self, request_id: str, blocks: list, num_evicted_pages: int) -> None:
+    def restore(
+        self, request_id: str, head: list, skipped: int, tail: list, num_evicted_pages: int
+    ) -> None:
         """Give a swapped-out request its block list back: fresh pages where its stream keeps
-        pages, null entries (``None`` here) where eviction freed them."""
-        self.req_to_blocks[request_id] = [self._null_block if b is None else b for b in blocks]
+        pages, null entries (``None`` here, and ``skipped`` between head and tail) where
+        eviction freed them."""
+        null = self._null_block
+        num_sink_pages = self.kv_cache_spec.num_sink_pages
+        # The freed run follows the sink pages: ``head`` is exactly them when there is one.
+        assert not skipped or len(head) == num_sink_pages, (len(head), skipped)
+        blocks = BlockList(
+            [null if b is None else b for b in (*head, *tail)], num_sink_pages, null, skipped
+        )
+        self.req_to_blocks[request_id] = blocks
         if num_evicted_pages:
             self._evicted[request_id] = num_evicted_pages
 

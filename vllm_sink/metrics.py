@@ -30,8 +30,34 @@ RESUMED_TOKENS = PREFIX + "tokens_resumed"  # cumulative: tokens those requests 
 RECLAIMED = PREFIX + "parked_streams_reclaimed"  # cumulative: parked streams whose pages went
 PARKED = PREFIX + "parked_streams"  # now
 PARKED_PAGES = PREFIX + "parked_pages"  # now (counted as free by the block pool)
+# now, the largest per-request container in the engine core (entries stored, not logical length)
+CORE_TOKENS_MAX = PREFIX + "core_token_ids_stored_max"
+CORE_OUTPUTS_MAX = PREFIX + "core_output_token_ids_stored_max"
+CORE_HASHES_MAX = PREFIX + "core_block_hashes_stored_max"
+# The KV manager's block list of the largest request: entries stored (the freed run is a count).
+CORE_BLOCK_LIST_MAX = PREFIX + "core_block_list_entries_max"
+# Per engine step: how many requests held pages (the batch the sink engine ran side by side).
+REQUESTS_PER_STEP = PREFIX + "requests_per_step"
+STEP_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 COUNTERS = (PAGES_FREED, TOKENS_EVICTED, RESUMED, RESUMED_TOKENS, RECLAIMED)
-GAUGES = (PAGES_HELD, PAGES_HELD_MAX, REQUESTS, PARKED, PARKED_PAGES)
+GAUGES = (
+    PAGES_HELD,
+    PAGES_HELD_MAX,
+    REQUESTS,
+    PARKED,
+    PARKED_PAGES,
+    CORE_TOKENS_MAX,
+    CORE_OUTPUTS_MAX,
+    CORE_HASHES_MAX,
+    CORE_BLOCK_LIST_MAX,
+)
+
+
+def stored(entries: Any) -> int:
+    """Entries a container holds in memory (a TailList's tail, a BlockList's pages; a list's
+    length)."""
+    n = getattr(entries, "num_stored", None)
+    return len(entries) if n is None else n
 
 
 def scheduler_payload(scheduler: Any) -> dict[str, int]:
@@ -48,7 +74,14 @@ def scheduler_payload(scheduler: Any) -> dict[str, int]:
     held = [sum(m.num_pages_held(rid) for m in managers) for rid in scheduler.requests]
     held = [h for h in held if h]
     parked = [m.parked for m in managers if m.parked is not None]
+    requests = list(scheduler.requests.values())
     return {
+        CORE_TOKENS_MAX: max((stored(r._all_token_ids) for r in requests), default=0),
+        CORE_OUTPUTS_MAX: max((stored(r._output_token_ids) for r in requests), default=0),
+        CORE_HASHES_MAX: max((stored(r.block_hashes) for r in requests), default=0),
+        CORE_BLOCK_LIST_MAX: max(
+            (stored(b) for m in managers for b in m.req_to_blocks.values()), default=0
+        ),
         PAGES_FREED: sum(m.pages_freed for m in managers),
         # Only whole pages are evicted; every layer group evicts the same tokens.
         TOKENS_EVICTED: managers[0].pages_freed * managers[0].block_size,
@@ -94,9 +127,20 @@ class SinkStatLogger(AggregateStatLoggerBase):
             REQUESTS: "Running requests holding KV pages.",
             PARKED: "Finished streams whose pages are parked for a later request to continue.",
             PARKED_PAGES: "Pages of parked streams (free for the block pool, reused last).",
+            CORE_TOKENS_MAX: "Token ids the engine core stores for its largest request.",
+            CORE_OUTPUTS_MAX: "Output token ids the engine core stores for its largest request.",
+            CORE_HASHES_MAX: "Page hashes the engine core stores for its largest request.",
+            CORE_BLOCK_LIST_MAX: "Block-list entries (null where evicted) of the largest request.",
         }
         self.counters = {n: prometheus_client.Counter(n, help_text[n], labels) for n in COUNTERS}
         self.gauges = {n: prometheus_client.Gauge(n, help_text[n], labels) for n in GAUGES}
+        # Every step's count, not a gauge a scrape may miss: a busy server answers /metrics late.
+        self.per_step = prometheus_client.Histogram(
+            REQUESTS_PER_STEP,
+            "Requests holding KV pages, observed once per engine step.",
+            labels,
+            buckets=STEP_BUCKETS,
+        )
         # Last cumulative values seen per engine: counters advance by the difference.
         self.seen: dict[int, dict[str, int]] = {idx: {} for idx in engine_indexes}
 
@@ -122,6 +166,7 @@ class SinkStatLogger(AggregateStatLoggerBase):
             seen[name] = payload[name]
         for name, gauge in self.gauges.items():
             gauge.labels(*labels).set(payload[name])
+        self.per_step.labels(*labels).observe(payload[REQUESTS])
 
     def log_engine_initialized(self) -> None:
         for labels in self.labels.values():
@@ -129,3 +174,4 @@ class SinkStatLogger(AggregateStatLoggerBase):
                 gauge.labels(*labels).set(0)
             for counter in self.counters.values():
                 counter.labels(*labels)
+            self.per_step.labels(*labels)

@@ -18,6 +18,10 @@ pages (at most ``max_pages``). When it is its turn again and the pool has room f
 it gets fresh ones and its computed tokens back, and the worker copies the pages in: it resumes
 exactly where it stopped, whatever its length, and only its uncomputed tokens are scheduled.
 Until then it stays out of vLLM's waiting queue, which would otherwise re-prefill it whole.
+
+A streamed request (``output_kind=DELTA``) keeps only the tail of its token lists and block
+hashes (:mod:`vllm_sink.tail`): the scheduler reads them at their end only, so the engine core
+holds a bounded number of entries per stream, however long it runs.
 """
 
 from __future__ import annotations
@@ -25,16 +29,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from vllm.sampling_params import RequestOutputKind
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.metrics.stats import SchedulerStats
 from vllm.v1.request import Request, RequestStatus
+from vllm.v1.utils import ConstantList
 
 from vllm_sink import metrics
+from vllm_sink.block_list import BlockList
 from vllm_sink.enable import step_tokens_per_request
 from vllm_sink.kv_cache import SinkWindowManager
+from vllm_sink.tail import TailList
 
 # Effectively unbounded, and still a plain int for the arithmetic vLLM does with it.
 UNBOUNDED_LEN = 1 << 62
+# Entries a streamed request keeps of its token lists and of its page hashes (at least).
+TAIL_TOKENS = 256
+TAIL_HASHES = 8
 
 
 @dataclass(frozen=True)
@@ -42,7 +53,11 @@ class SwappedStream:
     """Where a preempted request's stream stood; the worker holds its pages' contents."""
 
     num_computed: int
-    live: tuple[bool, ...]  # per logical page: kept (True) or freed by eviction (null)
+    # Per logical page, kept (True) or freed by eviction (null): the pages before the freed run,
+    # the run's length, the pages after it (bounded whatever the stream's length).
+    head: tuple[bool, ...]
+    skipped: int
+    tail: tuple[bool, ...]
     num_evicted_pages: int
 
 
@@ -83,6 +98,34 @@ class SinkScheduler(Scheduler):
                     request.prefill_stats.set(request.num_prompt_tokens, resumed, 0)
                 self.kv_cache_manager.record_prefix_cache_stats(request, resumed)
         super().add_request(request)
+        if self.keeps_tail_only(request):
+            self._keep_tail(request)
+
+    def keeps_tail_only(self, request: Request) -> bool:
+        """Whether a request's history may shrink to its tail: a streamed (DELTA) request that
+        is not a streaming-input session (whose next chunk re-reads its outputs) and whose
+        structured output does not re-read the whole stream for a reasoning parser."""
+        params = request.sampling_params
+        if params is None or params.output_kind != RequestOutputKind.DELTA:
+            return False
+        if request.resumable or isinstance(request._all_token_ids, TailList):
+            return False
+        reasoning = self.vllm_config.structured_outputs_config.reasoning_parser
+        return not (request.use_structured_output and reasoning)
+
+    def _keep_tail(self, request: Request) -> None:
+        # What the scheduler reads: the last token (stop checks), the tokens since the last
+        # hashed page (block hasher), the last page hashes and tokens after them (parking), the
+        # repetition-detection window.
+        keep = max(TAIL_TOKENS, 4 * self.block_size)
+        rep = request.sampling_params.repetition_detection
+        if rep is not None:
+            keep = max(keep, rep.max_pattern_size * rep.min_count + 1)
+        request._all_token_ids = TailList(request._all_token_ids, keep)
+        request._output_token_ids = TailList(request._output_token_ids, keep)
+        request.all_token_ids = ConstantList(request._all_token_ids)
+        request.output_token_ids = ConstantList(request._output_token_ids)
+        request.block_hashes = TailList(request.block_hashes, TAIL_HASHES)
 
     def _preempt_request(self, request: Request, *args: Any, **kwargs: Any) -> None:
         manager = self.sink_manager()
@@ -93,9 +136,20 @@ class SinkScheduler(Scheduler):
             manager.remove_skipped_blocks(rid, n)
             # Pages past the computed tokens (allocated for this step, if it was scheduled
             # before being picked) hold nothing yet.
-            blocks = (manager.req_to_blocks.get(rid) or [])[: -(-n // self.block_size)]
+            blocks = manager.req_to_blocks.get(rid) or []
+            total = -(-n // self.block_size)
+            if isinstance(blocks, BlockList):
+                head = blocks.head[:total]
+                skipped, tail = min(blocks.nulls, total - len(head)), blocks.tail
+            else:
+                head, skipped, tail = blocks[:total], 0, []
+            tail = tail[: max(total - len(head) - skipped, 0)]
             self.swapped[rid] = SwappedStream(
-                n, tuple(not b.is_null for b in blocks), manager.num_evicted_pages(rid)
+                num_computed=n,
+                head=tuple(not b.is_null for b in head),
+                skipped=skipped,
+                tail=tuple(not b.is_null for b in tail),
+                num_evicted_pages=manager.num_evicted_pages(rid),
             )
         super()._preempt_request(request, *args, **kwargs)
 
@@ -113,14 +167,16 @@ class SinkScheduler(Scheduler):
             swapped = self.swapped.get(request.request_id)
             if swapped is None:
                 continue
-            need = sum(swapped.live)
+            need = sum(swapped.head) + sum(swapped.tail)
             if pool.get_num_free_blocks() - need < reserve:
                 waiting.append(request)
                 continue
             fresh = iter(pool.get_new_blocks(need))
             manager.restore(
                 request.request_id,
-                [next(fresh) if live else None for live in swapped.live],
+                [next(fresh) if live else None for live in swapped.head],
+                swapped.skipped,
+                [next(fresh) if live else None for live in swapped.tail],
                 swapped.num_evicted_pages,
             )
             request.num_computed_tokens = swapped.num_computed

@@ -84,4 +84,17 @@ class SinkWorkerExtension:
             "pristine": max((len(p) for p in pristine), default=0),
             "runner_requests": len(runner.requests),
             "layers": len(impls),
+            # The largest per-request lists (entries): they must not grow with a stream.
+            "request_prompt_token_ids_max": max(
+                (len(r.prompt_token_ids or ()) for r in runner.requests.values()), default=0
+            ),
+            "request_output_token_ids_max": max(
+                (len(r.output_token_ids) for r in runner.requests.values()), default=0
+            ),
+            "request_block_ids_max": max(
+                (sum(map(len, r.block_ids)) for r in runner.requests.values()), default=0
+            ),
+            "stream_prompt_max": max((len(s.prompt) for s in tracker.streams.values()), default=0)
+            if tracker
+            else 0,
         }
