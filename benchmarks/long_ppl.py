@@ -1,6 +1,6 @@
 """8. Perplexity over a million tokens (the paper's Figure 5), against a re-computation oracle.
 
-    .venv/bin/python benchmarks/long_ppl.py            # 1,000,000 tokens, 2,000 targets, bf16
+    .venv/bin/python benchmarks/long_ppl.py --resume   # 1,000,000 tokens, 2,000 targets, float32
     .venv/bin/python benchmarks/long_ppl.py --quick    # 10,000 tokens, 8 targets (test suite)
 
 The first ``--tokens`` tokens of the Gutenberg corpus (``vllm_sink.assets.long_text()``,
@@ -24,6 +24,13 @@ instead of one ``dict[int, Logprob]`` per position: ~190 bytes a position agains
 with tracemalloc, 100,000 positions, no detokenising), ~0.2 GB for a million tokens against
 ~0.4 GB. Either fits this machine's memory; each worker's peak RSS is recorded.
 
+The full run (~4 hours here) is longer than one sitting, so it is made of parts: A's stream,
+B's stream and the oracle in ``--shard`` (250) target shards, each saved in ``OUT/parts`` (its
+NLL, engine facts, timing, and a key: the settings, the text's hash, the vLLM and torch
+versions) when it finishes. ``--resume`` reuses the parts whose key matches; ``--modes`` and
+``--stop-after`` choose what runs in this sitting. The results are written once every part is
+there, and the parts are then removed (their numbers are in the results).
+
 Reported: perplexity per ``--segment`` (10,000) tokens for A and B; on the shared targets, the
 NLL of A, B and the oracle, and per segment the ratio of A's and B's perplexity on its targets to
 the oracle's (``exp(mean NLL_A - mean NLL_oracle)``). Writes ``results.json`` (command, machine,
@@ -38,9 +45,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import hashlib
 import json
 import math
+import os
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -57,6 +67,7 @@ from common import (  # noqa: E402
     EnginePool,
     JsonWorker,
     log,
+    machine_info,
     plt,
     result_envelope,
     save_plot,
@@ -92,8 +103,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--kv-space", type=float, default=1.0, help="GiB of KV per engine")
-    parser.add_argument("--dtype", default=None, help="engine dtype (default bfloat16)")
+    parser.add_argument("--dtype", default=None, help="engine dtype (default float32)")
     parser.add_argument("--out", type=Path, default=RESULTS / "long_ppl")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse the finished parts in OUT/parts made with the same settings and text",
+    )
+    parser.add_argument(
+        "--modes", default=",".join(MODES), help="parts to run now (comma-separated)"
+    )
+    parser.add_argument(
+        "--shard", type=int, default=250, help="oracle targets per part (one engine each)"
+    )
+    parser.add_argument(
+        "--stop-after", type=float, default=None, help="start no part after this many minutes"
+    )
     args = parser.parse_args(argv)
     # Quick: the test suite's size, under 4 minutes on 2 cores (16,000 tokens and 12 targets
     # took 241 s: three engine starts 50 s, the two streams 134 s, the oracle 40 s). float32
@@ -101,7 +126,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = (
         {"tokens": 10_000, "targets": 8, "dtype": "float32"}
         if args.quick
-        else {"tokens": 1_000_000, "targets": 2_000, "dtype": "bfloat16"}
+        # float32 at full size too: a bf16 stream of 1M tokens is ~5 hours here, one engine
+        # process that cannot be split, longer than a sitting; float32 takes ~70 minutes.
+        else {"tokens": 1_000_000, "targets": 2_000, "dtype": "float32"}
     )
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -112,6 +139,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("the oracle's --cache-token prompts must fit --max-model-len")
     if args.tokens < args.cache + args.targets:
         parser.error("--tokens must exceed --cache by at least --targets")
+    unknown = set(args.modes.split(",")) - set(MODES)
+    if unknown:
+        parser.error(f"--modes: unknown {sorted(unknown)} (choose from {', '.join(MODES)})")
+    if args.shard < 1:
+        parser.error("--shard must be at least 1")
     return args
 
 
@@ -303,8 +335,15 @@ def worker_main(config_json: str) -> int:
     return serve(_make_worker_class(), lambda worker: worker.op_info())
 
 
+def engine_threads() -> str:
+    """OpenMP threads for the engine: an in-process vLLM CPU engine runs one thread unless
+    ``OMP_NUM_THREADS`` is set (measured: 222 vs 422 tok/s with two), so all usable cores."""
+    return os.environ.get("OMP_NUM_THREADS") or str(len(os.sched_getaffinity(0)))
+
+
 def start_engine(name: str, config: EngineConfig, log_dir: Path) -> JsonWorker:
     env = {
+        "OMP_NUM_THREADS": engine_threads(),
         # In-process engine core: the worker reads the stream's pages from the KV manager.
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         "VLLM_CPU_KVCACHE_SPACE": f"{config.kv_space_gib:g}",
@@ -385,56 +424,126 @@ def analyse(
 # ----------------------------------------------------------------------------- benchmark
 
 
+def part_key(args: argparse.Namespace, ids: list[int]) -> dict[str, Any]:
+    """What a part's numbers depend on: a part is reused only under the same key."""
+    fields = ("tokens", "targets", "cache", "sinks", "chunk", "max_model_len", "dtype", "kv_space")
+    info = machine_info()
+    return {k: getattr(args, k) for k in fields} | {
+        "ids_sha256": hashlib.sha256(np.asarray(ids, dtype=np.int32).tobytes()).hexdigest(),
+        "vllm": info["vllm"],
+        "torch": info["torch"],
+    }
+
+
+def provenance() -> dict[str, Any]:
+    """Where and from what a part was made (recorded, not matched)."""
+    info = machine_info()
+    git = f"{info['git_commit']}{'-dirty' if info['git_dirty'] else ''}"
+    return {"git": git, "cpu_model": info["cpu_model"], "threads": int(engine_threads()),
+            "finished_utc": info["started_utc"]}  # fmt: skip
+
+
+def plan_parts(args: argparse.Namespace, targets: list[int]) -> list[tuple[str, str, list[int]]]:
+    """(part name, mode, oracle targets): the two streams, then the oracle in shards."""
+    parts: list[tuple[str, str, list[int]]] = [("sinks", "sinks", []), ("window", "window", [])]
+    for i in range(0, len(targets), args.shard):
+        parts.append((f"oracle-{i // args.shard:03d}", "oracle", targets[i : i + args.shard]))
+    return parts
+
+
 def run(args: argparse.Namespace, pool: EnginePool | None = None) -> dict[str, Any]:
     """Runs its own engines, one at a time (``pool`` is not used: these engines need this
-    benchmark's own operations, and each is closed before the next one starts)."""
+    benchmark's own operations, and each is closed before the next one starts).
+
+    The work is split in parts (A's stream, B's stream, the oracle in ``--shard``-target
+    shards), each saved in ``OUT/parts`` when it finishes, so a run that takes longer than one
+    sitting is made in several: ``--resume`` reuses the parts made with the same settings and
+    text, ``--modes`` and ``--stop-after`` choose what runs now. The results are written when
+    every part is there."""
     write_command(args.out)
     configs = engine_configs(args)
     log(f"long_ppl: tokenising {args.tokens} tokens")
     ids, adds_bos = text_tokens(args.tokens)
     targets = target_positions(len(ids), args.targets, args.cache)
-    facts: dict[str, Any] = {}
-    modes: dict[str, Any] = {}
-    stream_nll: dict[str, np.ndarray] = {}
-    oracle_nll: list[float] = []
-    scored: list[int] = []
+    key = part_key(args, ids)
+    parts_dir = args.out / "parts"
+    if not args.resume and parts_dir.exists():
+        shutil.rmtree(parts_dir)
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    wanted = set(args.modes.split(","))
+    t_start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="long_ppl-") as tmp:
         ids_path = Path(tmp) / "ids.npy"
         np.save(ids_path, np.asarray(ids, dtype=np.int32))
-        for mode, config in configs.items():
-            worker = start_engine(mode, config, args.out / "logs")
+        for name, mode, part_targets in plan_parts(args, targets):
+            meta_path = parts_dir / f"{name}.json"
+            if meta_path.exists() and json.loads(meta_path.read_text())["key"] == key:
+                log(f"long_ppl {name}: reusing {meta_path}")
+                continue
+            if mode not in wanted:
+                continue
+            if args.stop_after is not None and time.monotonic() - t_start > 60 * args.stop_after:
+                log(f"long_ppl: --stop-after {args.stop_after:g} min passed; {name} not started")
+                break
+            worker = start_engine(mode, configs[mode], args.out / "logs")
             try:
-                facts[mode] = dict(worker.wait_ready())
+                facts = dict(worker.wait_ready())
                 if mode == "oracle":
                     res = worker.call(
                         "oracle",
-                        progress="oracle targets",
+                        progress=f"oracle targets ({name})",
                         ids_path=str(ids_path),
-                        targets=targets,
+                        targets=part_targets,
                         context=args.cache,
                     )
-                    oracle_nll = res.pop("nll")
-                    scored = res.pop("scored_token_ids")
-                    if scored != [ids[t] for t in targets]:
+                    if res["scored_token_ids"] != [ids[t] for t in part_targets]:
                         raise RuntimeError("the oracle scored other tokens than the targets")
-                    lens = res.pop("prompt_lens")
-                    res["prompt_len"] = sorted(set(lens))
+                    res["targets"] = part_targets
                 else:
-                    nll_path = Path(tmp) / f"{mode}.npy"
                     res = worker.call(
                         "stream",
                         progress=f"{mode} stream",
                         ids_path=str(ids_path),
-                        nll_path=str(nll_path),
+                        nll_path=str(parts_dir / f"{name}.npy"),
                     )
-                    stream_nll[mode] = np.load(nll_path)
             finally:
                 worker.close()
                 del worker
                 gc.collect()
-            modes[mode] = res
-            log(f"long_ppl {mode}: {res['tokens']} tokens in {res['wall_s']:.0f}s "
+            log(f"long_ppl {name}: {res['tokens']} tokens in {res['wall_s']:.0f}s "
                 f"({res['tok_s']:.1f} tok/s)")  # fmt: skip
+            write_json(meta_path, {"key": key, "made": provenance(), "facts": facts, "result": res})
+    parts = {
+        name: json.loads(path.read_text())
+        for name, _, _ in plan_parts(args, targets)
+        if (path := parts_dir / f"{name}.json").exists()
+    }
+    missing = [name for name, _, _ in plan_parts(args, targets) if name not in parts]
+    if missing:
+        log(f"long_ppl: {len(parts)} parts done, {len(missing)} to run: {', '.join(missing)} "
+            f"(rerun with --resume)")  # fmt: skip
+        return {"complete": False, "parts_done": sorted(parts), "parts_missing": missing}
+
+    stream_nll = {m: np.load(parts_dir / f"{m}.npy") for m in ("sinks", "window")}
+    modes: dict[str, Any] = {m: parts[m]["result"] for m in ("sinks", "window")}
+    facts = {m: parts[m]["facts"] for m in ("sinks", "window")}
+    shards = [p for name, p in parts.items() if name.startswith("oracle-")]
+    facts["oracle"] = shards[0]["facts"]
+    oracle_nll = [v for p in shards for v in p["result"]["nll"]]
+    scored = [v for p in shards for v in p["result"]["scored_token_ids"]]
+    if [t for p in shards for t in p["result"]["targets"]] != targets:
+        raise RuntimeError("the oracle parts do not cover the targets in order")
+    modes["oracle"] = {
+        "tokens": sum(p["result"]["tokens"] for p in shards),
+        "wall_s": sum(p["result"]["wall_s"] for p in shards),
+        "steps": sum(p["result"]["steps"] for p in shards),
+        "preemptions": sum(p["result"]["preemptions"] for p in shards),
+        "peak_rss_gib": max(p["result"]["peak_rss_gib"] for p in shards),
+        "prompt_len": sorted({n for p in shards for n in p["result"]["prompt_lens"]}),
+        "shards": len(shards),
+    }
+    modes["oracle"]["tok_s"] = modes["oracle"]["tokens"] / modes["oracle"]["wall_s"]
+    made = {name: p["made"] for name, p in parts.items()}
     segments, rows, summary = analyse(stream_nll, targets, oracle_nll, args.segment)
     for row, token in zip(rows, scored, strict=True):
         row["oracle_token_id"] = token  # the token the oracle's last prompt position scored
@@ -451,6 +560,7 @@ def run(args: argparse.Namespace, pool: EnginePool | None = None) -> dict[str, A
         engines=configs,
         engine_facts=facts,
         modes=modes,
+        parts=made,
         summary=summary,
         segments=segments,
     )
@@ -463,6 +573,8 @@ def run(args: argparse.Namespace, pool: EnginePool | None = None) -> dict[str, A
         **{m: stream_nll[m].astype(np.float32) for m in stream_nll},
     )
     plot(payload, args.out / "long_ppl.png")
+    # Every number is in the results now; the parts (the streams' NLL a second time) go.
+    shutil.rmtree(parts_dir)
     log(
         f"long_ppl: ppl sinks {summary['sinks']['ppl_all']:.2f}, window "
         f"{summary['window']['ppl_all']:.2f}; on {len(targets)} targets sinks / oracle "
@@ -481,7 +593,7 @@ def plot(data: dict[str, Any], path: Path) -> None:
     """Perplexity per segment against input length (log x), as the paper's Figure 5 (every token
     of the segment), and below it the ratio to the oracle on the segment's targets."""
     pyplot = plt()
-    from matplotlib.ticker import FuncFormatter, NullFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     segs, labels = data["segments"], data["labels"]
     fig, (ax, ax2) = pyplot.subplots(
@@ -523,6 +635,9 @@ def plot(data: dict[str, Any], path: Path) -> None:
         # Plain numbers on the log axes; minor ticks labelled when less than a decade shows.
         axis.set_major_formatter(plain)
         axis.set_minor_formatter(plain if lim[1] < 10 * lim[0] else NullFormatter())
+    lo, hi = ax.get_ylim()
+    if hi >= 10 * lo:  # a decade or two shows one power of ten: label 1, 2, 5 x 10^k too
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
     save_plot(fig, path)
 
 

@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/run_all.py --quick --out-root /tmp/bench   # tiny sizes
     .venv/bin/python benchmarks/run_all.py --full                          # README
 
-Quick: ~6 min on 2 cores (the conversation benchmark 75 s of it). Full: ~40 min before the
-conversation benchmark, plus ~50 for it (estimated; mostly its re-prefill engine's prefill).
+Quick: ~6 min on 2 cores (the conversation benchmark 75 s of it; host_memory ~1 min). Full: ~40
+min before the conversation benchmark, plus ~50 for it (estimated; mostly its re-prefill engine's
+prefill), plus ~6 for host_memory (its own ``vllm serve`` on a tiny model).
 The engine benchmarks share one plugin and one vanilla engine (same sizes by default), so each
 engine starts once; the conversation benchmark adds two engines with prefix caching on (in quick
 mode its re-prefill engine is the shared plugin one). The llama.cpp peer is skipped, with the
@@ -35,6 +36,7 @@ SUITE = [
     "long_stream",
     "capacity",
     "serving",
+    "host_memory",
     "peer_llamacpp",
     "conversation",
     "long_ppl",
@@ -85,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
             bench_argv = ["--out", str(args.out_root / name)]
             if args.quick:
                 bench_argv.append("--quick")
+            elif name == "long_ppl":
+                bench_argv.append("--resume")  # made in parts over sittings: keep what is made
             t0 = time.monotonic()
             log(f"== {name}")
             try:

@@ -137,32 +137,42 @@ class Server:
         self.started = time.monotonic()
 
     def wait_healthy(self, timeout: float = 600) -> float:
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"vllm serve ({self.name}) exited {self.proc.returncode}:\n"
-                    + self.log_path.read_text(errors="replace")[-6000:]
-                )
-            with (
-                contextlib.suppress(OSError),
-                urllib.request.urlopen(f"{self.url}/health", timeout=2) as r,
-            ):
-                if r.status == 200:
-                    return time.monotonic() - self.started
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"vllm serve ({self.name}) not healthy in {timeout:.0f}s")
-            time.sleep(1)
+        wait_healthy(self.proc, self.url, self.log_path, self.name, timeout)
+        return time.monotonic() - self.started
 
     def kill(self) -> None:
-        if self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=30)
+        kill_group(self.proc)
+
+
+def wait_healthy(
+    proc: subprocess.Popen, url: str, log_path: Path, name: str, timeout: float = 600
+) -> None:
+    """Until ``GET /health`` answers 200; raises with the log's tail if the server exits."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"vllm serve ({name}) exited {proc.returncode}:\n"
+                + log_path.read_text(errors="replace")[-6000:]
+            )
+        with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+            if r.status == 200:
+                return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"vllm serve ({name}) not healthy in {timeout:.0f}s")
+        time.sleep(1)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the server's process group (SIGKILL after 30 s)."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
 
 
 def bench(server: Server, args: argparse.Namespace, raw: Path, tag: str, seed: int) -> dict:

@@ -337,6 +337,54 @@ def long_ppl(d: dict[str, Any]) -> str:
     )
 
 
+def host_memory(d: dict[str, Any]) -> str:
+    s, a = d["summary"], d["settings"]
+    streams = d["streams"]
+    chat = sum(x["path"] == "/v1/chat/completions" for x in streams)
+    logprobs = sum(x["logprobs"] for x in streams)
+    names = {p["role"]: p["name"] for p in d["processes"]}
+    rows = [
+        [
+            f"{role} (`{names.get(role, '?')}`)",
+            f"{s['rss_mib_at_10pct'][role]:.1f}",
+            f"{s['rss_mib_end'][role]:.1f}",
+            f"**{s['rss_growth_mib_10pct_to_end'][role]:+.1f}**",
+            f"{s['rss_growth_mib_10pct_to_90pct'][role]:+.1f}",
+        ]
+        for role in s["rss_growth_mib_10pct_to_end"]
+    ]
+    cpu, gap = s["front_end_cpu_ms_per_chunk"], s["mean_gap_ms"]
+    readings = [r for r in d["readings"] if r["sizes"]]
+    marks = f"{readings[0]['tokens']:,} and {readings[-1]['tokens']:,}" if readings else "-"
+    state_rows = [[f"`{k}`", v[0], v[-1], max(v)] for k, v in s["host_state_by_reading"].items()]
+    return "\n".join(
+        [
+            f"{len(streams)} streams x {a['tokens']:,} tokens ({chat} chat, {len(streams) - chat} "
+            f"completions, {logprobs} of them with logprobs), sinks {a['sinks']} + window "
+            f"{a['window']}: {s['tokens']:,} tokens counted in {s['seconds']:.0f} s, "
+            f"{s['samples']} samples. Each stream was closed by its client at {a['tokens']:,} "
+            f"tokens; {s['closed_streams_released_s']:.1f} s after the last one the server held "
+            "none of them.",
+            "",
+            _table(
+                ["process", "RSS at 10 % MiB", "RSS at end MiB", "growth MiB", "growth to 90 %"],
+                rows,
+            ),
+            "",
+            f"Front-end CPU per chunk, last 20 % / 10-30 % of the tokens: "
+            f"**{s['cpu_per_chunk_ratio_last20_over_10_30']:.3f}** ({cpu['80-100%']:.3f} / "
+            f"{cpu['10-30%']:.3f} ms); client's mean time between chunks: "
+            f"{s['mean_gap_ratio_last20_over_10_30']:.3f} ({gap['80-100%']:.1f} / "
+            f"{gap['10-30%']:.1f} ms).",
+            "",
+            f"Largest container of each kind, `GET /vllm_sink/host_state` ({len(readings)} "
+            f"readings, first and last at {marks} tokens):",
+            "",
+            _table(["container", "first reading", "last reading", "max"], state_rows),
+        ]
+    )
+
+
 SECTIONS: dict[str, Callable[[dict[str, Any]], str]] = {
     "overhead": overhead,
     "long_stream": long_stream,
@@ -346,6 +394,7 @@ SECTIONS: dict[str, Callable[[dict[str, Any]], str]] = {
     "serving": serving,
     "conversation": conversation,
     "long_ppl": long_ppl,
+    "host_memory": host_memory,
 }
 
 

@@ -17,6 +17,7 @@ import csv
 import importlib.util
 import json
 import math
+import re
 import statistics
 import subprocess
 import sys
@@ -36,6 +37,7 @@ ENGINE_BENCHMARKS = [
     "serving",
     "conversation",
     "long_ppl",
+    "host_memory",
 ]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PAGE = 32  # the benchmarks' KV block size
@@ -43,7 +45,8 @@ PAGE = 32  # the benchmarks' KV block size
 # The quick suite starts four engines and two servers and takes 5 to 6.5 minutes on 2 CPU cores
 # (295 s and 385 s measured; serving, the longest, 131 s of the latter), plus the long
 # perplexity run's three engines, about 4 minutes (``long_ppl --quick``: 241 s measured alone at
-# 16,000 tokens and 12 targets; now 10,000 and 8). The timeout only catches a hang.
+# 16,000 tokens and 12 targets; now 10,000 and 8), plus host_memory's own server and its 8 x 2,000
+# streamed tokens, about 1 minute (~30 s start, ~30 s streaming). The timeout only catches a hang.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3000)]
 
 
@@ -77,9 +80,11 @@ def _results(root: Path, name: str) -> dict:
     return json.loads((root / name / "results.json").read_text())
 
 
-def _csv(path: Path) -> list[dict[str, float]]:
+def _csv(path: Path, text: tuple[str, ...] = ()) -> list[dict[str, float | str]]:
+    """The rows, every column a number but those named in ``text``."""
     with path.open() as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        return [{k: v if k in text else float(v) for k, v in row.items()}
+                for row in csv.DictReader(f)]  # fmt: skip
 
 
 def _bound(sinks: int, window: int) -> int:
@@ -334,7 +339,10 @@ def test_serving_numbers(quick_root):
     )
     logs = quick_root / "serving" / "logs"
     assert "vllm_sink enabled" in (logs / "server-plugin.log").read_text(errors="replace")
-    assert "vllm_sink" not in (logs / "server-vanilla.log").read_text(errors="replace")
+    # The vanilla server names the plugin only in vLLM's notice of the opt-in endpoint plugin.
+    vanilla_log = (logs / "server-vanilla.log").read_text(errors="replace").splitlines()
+    mentions = [line for line in vanilla_log if "vllm_sink" in line]
+    assert all("Found endpoint plugin(s) ['vllm_sink_state']" in line for line in mentions)
     assert summary["plugin_enabled_in_log"] is True
     # Every run served the whole workload; its figures are the client's own.
     assert sorted((r["server"], r["repeat"]) for r in runs) == sorted(
@@ -504,6 +512,140 @@ def test_long_ppl_numbers(quick_root):
         assert s[f"ratio_{m}_to_oracle"] == pytest.approx(want, rel=1e-9)
 
 
+def test_long_ppl_resumes_from_parts(tmp_path):
+    """The full run is made in sittings: a first sitting makes A's stream and the oracle's two
+    shards and writes no results; a second, with --resume, runs only B's stream, reuses the
+    rest and writes the results from all four parts, which it then removes."""
+    out = tmp_path / "lp"
+    cmd = [sys.executable, str(BENCH / "long_ppl.py"), "--tokens", "2000", "--targets", "4",
+           "--cache", "256", "--chunk", "256", "--max-model-len", "512", "--shard", "2",
+           "--out", str(out)]  # fmt: skip
+
+    def sitting(*extra: str) -> str:
+        proc = subprocess.run([*cmd, *extra], capture_output=True, text=True, timeout=900, cwd=REPO)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        return proc.stderr
+
+    first = sitting("--modes", "sinks,oracle")
+    assert "3 parts done, 1 to run: window" in first
+    assert not (out / "results.json").exists()
+    made = sorted(p.name for p in (out / "parts").glob("*.json"))
+    assert made == ["oracle-000.json", "oracle-001.json", "sinks.json"]
+    sinks_nll = np.load(out / "parts" / "sinks.npy")
+    second = sitting("--resume")
+    assert second.count("reusing") == 3 and "long_ppl window: 2000 tokens" in second
+    assert not re.search(r"long_ppl (sinks|oracle-\d+): \d+ tokens", second)
+    data = json.loads((out / "results.json").read_text())
+    assert set(data["parts"]) == {"sinks", "window", "oracle-000", "oracle-001"}
+    oracle = data["modes"]["oracle"]
+    assert (oracle["shards"], oracle["tokens"], oracle["prompt_len"]) == (2, 4 * 256, [256])
+    npz = np.load(out / "nll_per_token.npz")
+    assert np.array_equal(npz["sinks"], sinks_nll, equal_nan=True)
+    assert len(_csv(out / "targets.csv")) == 4
+    assert not (out / "parts").exists()
+
+
+def test_host_memory_numbers(quick_root):
+    """One ``vllm serve`` with the plugin streamed every request until the client closed it, the
+    samples are what the client and psutil saw, the host_state readings saw the live streams, the
+    server let go of the closed ones, and every ratio is recomputed here from the samples."""
+    folder = quick_root / "host_memory"
+    data = _results(quick_root, "host_memory")
+    a, s = data["settings"], data["summary"]
+    samples, readings, streams = data["samples"], data["readings"], data["streams"]
+    # The server: the plugin's flags, the plugin enabled, the engine core in its own process.
+    cmd = data["server"]
+    assert cmd[cmd.index("--sink-tokens") + 1 :][:3] == [str(a["sinks"]), "--window-tokens",
+                                                         str(a["window"])]  # fmt: skip
+    assert cmd[cmd.index("--max-model-len") + 1] == str(a["max_model_len"])
+    assert "vllm_sink enabled" in (folder / "logs" / "server.log").read_text(errors="replace")
+    assert s["plugin_enabled_in_log"] is True
+    procs = {p["role"]: p for p in data["processes"] if p["role"] != "other"}
+    assert "EngineCore" in procs["engine_core"]["name"] + procs["engine_core"]["cmdline"]
+    assert len({p["pid"] for p in procs.values()}) == len(procs)
+    roles = list(s["rss_growth_mib_10pct_to_end"])
+    assert set(roles) == set(procs) >= {"api_server", "engine_core"}
+    assert s["worker_process"] == ("worker" in procs)
+    # Every stream ran far past max_model_len until the client closed it: half chat, half
+    # completions. Counted from the chunks' token_ids; the last chunk read may carry several.
+    assert len(streams) == a["streams"]
+    assert sum(x["path"] == "/v1/chat/completions" for x in streams) == a["streams"] // 2
+    assert sum(x["logprobs"] for x in streams) == a["streams"] // 4
+    for x in streams:
+        assert x["finish_reason"] == "closed", x
+        assert a["tokens"] <= x["tokens_counted"] < 2 * a["tokens"], x
+        assert a["tokens"] > a["max_model_len"]
+    # Closed by the client, the streams were let go of: nothing held after them.
+    final = data["final_reading"]["state"]
+    assert final["front_end"]["requests"] == final["chat_streams"]["streams"] == 0, final
+    assert [w["runner_requests"] for w in final["workers"]] == [0], final
+    assert s["closed_streams_released_s"] == data["final_reading"]["released_s"] < 120
+    # The samples: cumulative counts, the last one taken after every stream ended.
+    last = samples[-1]
+    assert last["streams_done"] == a["streams"]
+    assert last["tokens"] == sum(x["tokens_counted"] for x in streams) == s["tokens"]
+    assert last["chunks"] == sum(x["chunks"] for x in streams) == s["chunks"]
+    assert len(samples) == s["samples"] >= 10
+    for key in ("t", "tokens", "chunks", "gaps", *(f"cpu_{r}_s" for r in roles)):
+        values = [r[key] for r in samples]
+        assert values == sorted(values), key
+    assert sum(r["by"] == "mark" for r in samples) >= 36  # 40 marks, a chunk may pass two
+    rows = _csv(folder / "samples.csv", text=("by",))
+    assert len(rows) == len(samples) and rows[-1]["tokens"] == last["tokens"]
+
+    # The ratios, recomputed: marks are fractions of streams x tokens, the end the last sample.
+    target = a["streams"] * a["tokens"]
+
+    def at(mark: float) -> dict:
+        if mark >= 1:
+            return samples[-1]
+        return next(r for r in samples if r["tokens"] >= mark * target)
+
+    def per_chunk(m0: float, m1: float, key: str, per: str) -> float:
+        x, y = at(m0), at(m1)
+        return (y[key] - x[key]) / (y[per] - x[per])
+
+    cpu = [per_chunk(*m, "cpu_api_server_s", "chunks") for m in ((0.1, 0.3), (0.8, 1.0))]
+    gap = [per_chunk(*m, "gap_sum_s", "gaps") for m in ((0.1, 0.3), (0.8, 1.0))]
+    assert s["cpu_per_chunk_ratio_last20_over_10_30"] == pytest.approx(cpu[1] / cpu[0])
+    assert s["mean_gap_ratio_last20_over_10_30"] == pytest.approx(gap[1] / gap[0])
+    assert s["front_end_cpu_ms_per_chunk"]["10-30%"] == pytest.approx(1000 * cpu[0])
+    for r in roles:
+        growth = last[f"rss_{r}_mib"] - at(0.1)[f"rss_{r}_mib"]
+        assert s["rss_growth_mib_10pct_to_end"][r] == pytest.approx(growth, abs=1e-3), r
+        growth = at(0.9)[f"rss_{r}_mib"] - at(0.1)[f"rss_{r}_mib"]
+        assert s["rss_growth_mib_10pct_to_90pct"][r] == pytest.approx(growth, abs=1e-3), r
+    windows = data["windows"]
+    assert [(w["from"], w["to"]) for w in windows] == [(k / 10, (k + 1) / 10) for k in range(10)]
+    assert windows[-1]["to_sample"] == len(samples) - 1
+    for w in windows:  # the samples at every 2.5 % of the tokens: each tenth holds a few
+        assert w["chunks"] > 0 and w["to_sample"] - w["from_sample"] >= 2, w
+        assert w["cpu_ms_per_chunk"] == pytest.approx(1000 * per_chunk(w["from"], w["to"],
+                                                      "cpu_api_server_s", "chunks")), w  # fmt: skip
+
+    # The readings: at 4 %, 12 %, ... 76 % of the tokens, each of the live streams.
+    assert [r["mark"] for r in readings] == pytest.approx(
+        [0.8 * (k + 0.5) / a["readings"] for k in range(a["readings"])]
+    )
+    for r in readings:
+        assert r["error"] is None, r
+        assert r["tokens"] == samples[r["sample"]]["tokens"] >= r["mark"] * target, r
+        state = r["state"]
+        assert state["front_end"]["requests"] == a["streams"], state
+        assert state["chat_streams"]["streams"] == a["streams"] // 2, state
+        assert state["workers"] and state["workers"][0]["streams"] == a["streams"], state
+    by = s["host_state_by_reading"]
+    assert set(by) == set(readings[0]["sizes"]) == set(s["host_state_max"])
+    per_stream = readings[-1]["tokens"] / a["streams"]
+    for key, values in by.items():
+        assert values == [r["sizes"][key] for r in readings], key
+        assert s["host_state_max"][key] == max(values), key
+        if "token_ids" in key:  # none keeps the whole stream
+            assert values[-1] < per_stream / 2, (key, values, per_stream)
+    with (folder / "host_state.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == len(readings)
+
+
 def test_peer_llamacpp(quick_root):
     report = json.loads((quick_root / "run_all.json").read_text())["benchmarks"]
     entry = report["peer_llamacpp"]
@@ -548,3 +690,30 @@ def test_readme_tables_match_committed_results():
     readme = (BENCH / "README.md").read_text()
     for name in [*ENGINE_BENCHMARKS, "peer_llamacpp"]:
         assert f"<!-- table:{name} -->" in readme, name
+
+
+def test_reference_stretch_equals_the_whole_stream(tmp_path):
+    """long_ppl_reference re-scores a stretch of a long stream from the sink page and a margin
+    before it. With the margin its docstring derives (layers x (window + block + chunk)), the
+    stretch's NLL equals the whole stream's; with too short a margin it does not (the check can
+    fail)."""
+    sys.path.insert(0, str(BENCH))
+    from long_ppl_reference import exact_margin, score_stretch, stretch_start
+
+    from vllm_sink.assets import make_tiny_llama
+    from vllm_sink.reference import StreamingReference
+
+    model = make_tiny_llama(tmp_path / "m", max_position_embeddings=1024)
+    ref = StreamingReference(model, sink_tokens=4, window_tokens=124, block_size=32)
+    ids = np.random.default_rng(0).integers(0, 49_000, 3_000).tolist()
+    chunk, a, b = 64, 2_000, 2_400
+    whole = -ref.score(ids, chunk)[a:b]
+    margin = exact_margin(2, 124, 32, chunk)  # the tiny model has 2 layers
+    assert margin == 2 * (124 + 32 + chunk) + chunk
+    p0 = stretch_start(a, margin, chunk, 32)
+    assert (p0 - 32) % chunk == 0 and a - margin - chunk < p0 <= a - margin
+    got, p = score_stretch(ref, ids, a, b, chunk=chunk, margin=margin)
+    assert p == p0 and got.shape == whole.shape
+    np.testing.assert_allclose(got, whole, atol=1e-5, rtol=0)
+    short, _ = score_stretch(ref, ids, a, b, chunk=chunk, margin=chunk)
+    assert np.abs(short - whole).max() > 1e-3
