@@ -48,10 +48,11 @@ def keep_tail(state: Any) -> None:
     """Drop what no later output of ``state`` reads (after an output was made)."""
     from vllm.v1.engine.detokenizer import FastIncrementalDetokenizer, IncrementalDetokenizer
 
+    keep = TAIL_TOKENS + state.stream_interval  # token ids and logprob positions
     det = state.detokenizer
     plain = type(det) in (FastIncrementalDetokenizer, IncrementalDetokenizer)
     if plain and not isinstance(det.token_ids, TailList):
-        det.token_ids = TailList(det.token_ids, keep=TAIL_TOKENS + state.stream_interval)
+        det.token_ids = TailList(det.token_ids, keep=keep)
     if type(det) is FastIncrementalDetokenizer:
         hold = max((len(s) for s in det.stop), default=0) + TAIL_CHARS
         cut = min(det._last_output_text_offset, len(det.output_text) - hold)
@@ -60,7 +61,6 @@ def keep_tail(state: Any) -> None:
             det._last_output_text_offset -= cut
     processor = state.logprobs_processor
     logprobs = getattr(processor, "logprobs", None)
-    keep = TAIL_TOKENS + state.stream_interval
     if logprobs is not None and len(logprobs) >= 2 * keep:
         processor.logprobs = logprobs[-keep:]
 
