@@ -69,9 +69,9 @@ from common import (  # noqa: E402
     write_csv,
     write_json,
 )
-from serving import _die_with_parent, _free_port, kill_group, wait_healthy  # noqa: E402
 
 from vllm_sink.endpoint import flat_sizes  # noqa: E402
+from vllm_sink.serve_process import die_with_parent, free_port, kill_group, wait_healthy  # noqa: E402
 
 VLLM = str(Path(sys.executable).with_name("vllm"))
 SERVED = "tiny"
@@ -410,7 +410,7 @@ def run(args: argparse.Namespace, pool: EnginePool | None = None) -> dict[str, A
     target = args.streams * args.tokens
     try:
         model = make_tiny_llama(scratch / "model", max_position_embeddings=args.max_model_len)
-        port = _free_port()
+        port = free_port()
         url = f"http://127.0.0.1:{port}"
         cmd = server_command(model, port, args)
         log_path = logs / "server.log"
@@ -421,7 +421,7 @@ def run(args: argparse.Namespace, pool: EnginePool | None = None) -> dict[str, A
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
         started = time.monotonic()
         try:

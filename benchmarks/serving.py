@@ -16,15 +16,11 @@ are killed with their process groups at the end. Writes ``results.json``, ``runs
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +41,8 @@ from common import (  # noqa: E402
     write_csv,
     write_json,
 )
+
+from vllm_sink.serve_process import die_with_parent, free_port, kill_group, wait_healthy  # noqa: E402
 
 VLLM = str(Path(sys.executable).with_name("vllm"))
 SERVED = "smollm2"
@@ -91,21 +89,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM when the benchmark process dies (even by SIGKILL), so a killed
-    run leaves no server behind (the server has its own session, out of the caller's group)."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 class Server:
     """One ``vllm serve`` in its own process group."""
 
@@ -113,7 +96,7 @@ class Server:
         from vllm_sink.assets import default_model_dir
 
         self.name = name
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         logs.mkdir(parents=True, exist_ok=True)
         self.log_path = logs / f"server-{name}.log"
@@ -132,7 +115,7 @@ class Server:
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
         self.started = time.monotonic()
 
@@ -142,37 +125,6 @@ class Server:
 
     def kill(self) -> None:
         kill_group(self.proc)
-
-
-def wait_healthy(
-    proc: subprocess.Popen, url: str, log_path: Path, name: str, timeout: float = 600
-) -> None:
-    """Until ``GET /health`` answers 200; raises with the log's tail if the server exits."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(
-                f"vllm serve ({name}) exited {proc.returncode}:\n"
-                + log_path.read_text(errors="replace")[-6000:]
-            )
-        with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-            if r.status == 200:
-                return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"vllm serve ({name}) not healthy in {timeout:.0f}s")
-        time.sleep(1)
-
-
-def kill_group(proc: subprocess.Popen) -> None:
-    """SIGTERM the server's process group (SIGKILL after 30 s)."""
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
 
 
 def bench(server: Server, args: argparse.Namespace, raw: Path, tag: str, seed: int) -> dict:

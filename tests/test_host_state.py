@@ -18,9 +18,10 @@ import time
 
 import pytest
 import requests
-from test_serve import VLLM, _free_port, cli_env, running_server  # noqa: F401 (fixture)
+from test_serve import VLLM, cli_env, running_server  # noqa: F401 (fixture)
 
 from vllm_sink.endpoint import flat_sizes
+from vllm_sink.serve_process import free_port
 from vllm_sink.tail import TailList
 
 STREAM_TOKENS = 6_000
@@ -81,7 +82,7 @@ def tiny_server(tmp_path_factory, cli_env):  # noqa: F811
     from vllm_sink.assets import make_tiny_llama
 
     model = make_tiny_llama(tmp_path_factory.mktemp("tiny") / "m", max_position_embeddings=256)
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path_factory.mktemp("serve") / "server.log"
     cmd = [VLLM, "serve", str(model), "--served-model-name", "tiny",
            "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",

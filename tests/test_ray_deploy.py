@@ -20,7 +20,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,8 @@ from typing import Any
 import psutil
 import pytest
 import yaml
+
+from vllm_sink.serve_process import free_port
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 SERVE_CONFIGS = sorted(DEPLOY.glob("serve-*.yaml"))
@@ -199,12 +200,6 @@ WORKER_IP = "127.0.0.3"
 # Marks every process of the test's cluster (inherited from `ray start` by the GCS, raylets,
 # workers, replicas and vLLM's engine processes), so the test can find and stop exactly those.
 MARKER = "VLLM_SINK_RAY_TEST"
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _marked(marker: str) -> list[psutil.Process]:
@@ -425,11 +420,11 @@ def cluster(model_dir, tmp_path) -> Iterator[Cluster]:
         "RAY_worker_niceness": "0",
     }
     env.pop("RAY_ADDRESS", None)
-    gcs = f"{HEAD_IP}:{_free_port(HEAD_IP)}"
-    dashboard_port = _free_port(HEAD_IP)
+    gcs = f"{HEAD_IP}:{free_port(HEAD_IP)}"
+    dashboard_port = free_port(HEAD_IP)
     c = Cluster(
         tmp=tmp, marker=marker, env={**env, "RAY_ADDRESS": gcs}, gcs=gcs,
-        dashboard=f"http://{HEAD_IP}:{dashboard_port}", serve_port=_free_port(HEAD_IP),
+        dashboard=f"http://{HEAD_IP}:{dashboard_port}", serve_port=free_port(HEAD_IP),
     )  # fmt: skip
     try:
         _start_node(env, tmp, [
@@ -437,12 +432,12 @@ def cluster(model_dir, tmp_path) -> Iterator[Cluster]:
             '--resources={"vllm_engine": 1}',
             "--include-dashboard=true", f"--dashboard-host={HEAD_IP}",
             f"--dashboard-port={dashboard_port}",
-            f"--dashboard-agent-listen-port={_free_port(HEAD_IP)}",
-            f"--ray-client-server-port={_free_port(HEAD_IP)}",
+            f"--dashboard-agent-listen-port={free_port(HEAD_IP)}",
+            f"--ray-client-server-port={free_port(HEAD_IP)}",
         ], ip=HEAD_IP)  # fmt: skip
         _start_node(env, tmp, [
             f"--address={gcs}", "--num-cpus=3", '--resources={"vllm_engine": 1}',
-            f"--dashboard-agent-listen-port={_free_port(WORKER_IP)}",
+            f"--dashboard-agent-listen-port={free_port(WORKER_IP)}",
         ], ip=WORKER_IP)  # fmt: skip
         yield c
     finally:

@@ -12,8 +12,6 @@ import importlib.metadata
 import json
 import os
 import re
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,6 +23,8 @@ from pathlib import Path
 import metrics_sampler
 import pytest
 import requests
+
+from vllm_sink.serve_process import free_port, kill_group, wait_healthy
 
 MAX_MODEL_LEN = 512
 SERVED = "smollm2"
@@ -70,23 +70,6 @@ def cli_env(tmp_path_factory) -> dict[str, str]:
     return env
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-
-
 @contextlib.contextmanager
 def running_server(cmd: list[str], env: dict, log_path: Path, port: int) -> Iterator[str]:
     """Start ``cmd`` (a ``vllm serve``) in its own process group, yield its URL once healthy,
@@ -97,29 +80,19 @@ def running_server(cmd: list[str], env: dict, log_path: Path, port: int) -> Iter
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 600  # ~1 minute on an idle machine
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(
-                    f"vllm serve exited ({proc.returncode}):\n{log_path.read_text()[-6000:]}"
-                )
-            try:
-                if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"vllm serve not healthy in 600 s:\n{log_path.read_text()[-6000:]}")
-            time.sleep(1)
+        try:
+            wait_healthy(proc, url, log_path)  # ~1 minute on an idle machine
+        except RuntimeError as e:
+            pytest.fail(str(e))
         yield url
     finally:
-        _kill_group(proc)
+        kill_group(proc)
 
 
 @pytest.fixture(scope="module")
 def server(model_dir, cli_env, tmp_path_factory):
     """Base URL of a running ``vllm serve`` with sink eviction (killed with its process group)."""
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path_factory.mktemp("serve") / "server.log"
     cmd = [VLLM, "serve", str(model_dir), "--served-model-name", SERVED,
            "--host", "127.0.0.1", "--port", str(port),
@@ -207,7 +180,7 @@ def cli_runs(model_dir, cli_env) -> dict[str, tuple[int, str, float]]:
     """
     argvs = {"help": ["serve", "--help"]}
     for i, (argv, _) in enumerate(BAD_FLAGS):
-        port = str(_free_port())
+        port = str(free_port())
         argvs[f"bad{i}"] = ["serve", str(model_dir), *SERVE_ARGS, "--port", port, *argv]
     start = time.monotonic()
     procs = {
@@ -228,7 +201,7 @@ def cli_runs(model_dir, cli_env) -> dict[str, tuple[int, str, float]]:
             runs[name] = (proc.returncode, out, time.monotonic() - start)
     finally:
         for proc in procs.values():
-            _kill_group(proc)
+            kill_group(proc)
     return runs
 
 
