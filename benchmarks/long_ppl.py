@@ -1,7 +1,7 @@
 """8. Perplexity over a million tokens (the paper's Figure 5), against a re-computation oracle.
 
-    .venv/bin/python benchmarks/long_ppl.py --resume   # 1,000,000 tokens, 2,000 targets, float32
-    .venv/bin/python benchmarks/long_ppl.py --quick    # 10,000 tokens, 8 targets (test suite)
+    .venv/bin/python benchmarks/long_ppl.py --resume   # 1,000,000 tokens, 2,000 targets, bf16
+    .venv/bin/python benchmarks/long_ppl.py --quick    # 20,000 tokens, 12 targets (test suite)
 
 The first ``--tokens`` tokens of the Gutenberg corpus (``vllm_sink.assets.long_text()``,
 tokenised with the default model's tokenizer) are scored by ``vllm.LLM`` with prompt
@@ -24,12 +24,14 @@ instead of one ``dict[int, Logprob]`` per position: ~190 bytes a position agains
 with tracemalloc, 100,000 positions, no detokenising), ~0.2 GB for a million tokens against
 ~0.4 GB. Either fits this machine's memory; each worker's peak RSS is recorded.
 
-The full run (~4 hours here) is longer than one sitting, so it is made of parts: A's stream,
-B's stream and the oracle in ``--shard`` (250) target shards, each saved in ``OUT/parts`` (its
-NLL, engine facts, timing, and a key: the settings, the text's hash, the vLLM and torch
-versions) when it finishes. ``--resume`` reuses the parts whose key matches; ``--modes`` and
-``--stop-after`` choose what runs in this sitting. The results are written once every part is
-there, and the parts are then removed (their numbers are in the results).
+The full run (59 minutes of engine time in bf16 on a 2-core Xeon with AMX; on an AVX2-only CPU
+about 5 hours a bf16 stream, 2.4 hours the whole run in float32) may not fit one sitting, so it
+is made of parts: A's stream, B's stream and the oracle in ``--shard`` (250) target shards, each
+saved in ``OUT/parts`` (its NLL, engine facts, timing, and a key: the settings, the text's
+hash, the vLLM and torch versions) when it finishes. ``--resume`` reuses the parts whose key
+matches; ``--modes`` and ``--stop-after`` choose what runs in this sitting. The results are
+written once every part is there, and the parts are then removed (their numbers are in the
+results).
 
 Reported: perplexity per ``--segment`` (10,000) tokens for A and B; on the shared targets, the
 NLL of A, B and the oracle, and per segment the ratio of A's and B's perplexity on its targets to
@@ -89,7 +91,7 @@ LABELS = {
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--quick", action="store_true", help="10,000 tokens, 8 targets (test suite)"
+        "--quick", action="store_true", help="20,000 tokens, 12 targets, float32 (test suite)"
     )
     parser.add_argument("--tokens", type=int, default=None, help="stream length (1,000,000)")
     parser.add_argument("--targets", type=int, default=None, help="oracle targets (2,000)")
@@ -103,7 +105,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--kv-space", type=float, default=1.0, help="GiB of KV per engine")
-    parser.add_argument("--dtype", default=None, help="engine dtype (default float32)")
+    parser.add_argument("--dtype", default=None, help="engine dtype (default bfloat16)")
     parser.add_argument("--out", type=Path, default=RESULTS / "long_ppl")
     parser.add_argument(
         "--resume",
@@ -120,15 +122,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--stop-after", type=float, default=None, help="start no part after this many minutes"
     )
     args = parser.parse_args(argv)
-    # Quick: the test suite's size, under 4 minutes on 2 cores (16,000 tokens and 12 targets
-    # took 241 s: three engine starts 50 s, the two streams 134 s, the oracle 40 s). float32
-    # there: it prefills ~250 tokens/s on this CPU, bf16 ~55 (no native bf16 products).
+    # Quick: the test suite's size, a few minutes on 2 cores. float32 there: on a CPU without
+    # native bf16 products (AVX2 only) bf16 prefills ~55 tokens/s against float32's ~250, and
+    # the suite must fit such a machine too. Full size in bf16, as the model ships (on a CPU
+    # with AMX, ~1.7x float32's speed; without, hours: --dtype float32).
     defaults = (
-        {"tokens": 10_000, "targets": 8, "dtype": "float32"}
+        {"tokens": 20_000, "targets": 12, "dtype": "float32"}
         if args.quick
-        # float32 at full size too: a bf16 stream of 1M tokens is ~5 hours here, one engine
-        # process that cannot be split, longer than a sitting; float32 takes ~70 minutes.
-        else {"tokens": 1_000_000, "targets": 2_000, "dtype": "float32"}
+        else {"tokens": 1_000_000, "targets": 2_000, "dtype": "bfloat16"}
     )
     for key, value in defaults.items():
         if getattr(args, key) is None:

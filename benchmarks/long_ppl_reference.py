@@ -27,7 +27,8 @@ The control, ``--segments 0,1 --out reference_control.json``: the first two segm
 reference replays the stream from token 0 (no margin needed), give float32's own spread between
 the engine and the reference at these settings.
 
-Writes ``results/long_ppl/reference_check.json``: per stretch, the agreement (largest and
+Writes ``results/long_ppl_float32/reference_check.json`` (the float32 run: the reference is
+float32, so it checks the float32 engine to its noise): per stretch, the agreement (largest and
 mean absolute NLL difference over all its tokens), the perplexity ratios to the
 oracle on its targets for the engine and for the reference, and the targets with each one's
 context length under the cache (sink page + window) and under the oracle.
@@ -55,7 +56,9 @@ BLOCK = 32  # vLLM's CPU page size, the engine's block_size in every long_ppl ru
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dir", type=Path, default=RESULTS / "long_ppl", help="long_ppl results")
+    parser.add_argument(
+        "--dir", type=Path, default=RESULTS / "long_ppl_float32", help="a float32 long_ppl run"
+    )
     parser.add_argument("--segments", default=None, help="segment numbers (comma-separated)")
     parser.add_argument(
         "--above", type=float, default=1.05, help="default segments: sinks ratio above this"

@@ -337,6 +337,64 @@ def long_ppl(d: dict[str, Any]) -> str:
     )
 
 
+def long_ppl_compare(d: dict[str, Any]) -> str:
+    s, runs = d["summary"], d["runs"]
+    ta, tb = runs["a"]["dtype"], runs["b"]["dtype"]
+    rows = []
+    for m in ("sinks", "window"):
+        e = s[m]
+        rows.append(
+            [
+                d["labels"][m],
+                _fmt(e["ppl_a"]),
+                _fmt(e["ppl_b"]),
+                f"**{e['ppl_a_to_b']:.4f}**",
+                fmt_spread(e["ppl_a_to_b_per_segment"], 4),
+                f"{e['mean_abs_nll_diff']:.4f}",
+            ]
+        )
+    o = s["oracle"]
+    rows.append(
+        [
+            f"{d['labels']['oracle']}, on the targets",
+            _fmt(o["ppl_a"]),
+            _fmt(o["ppl_b"]),
+            f"**{o['ppl_a_to_b']:.4f}**",
+            "-",
+            f"{o['mean_abs_nll_diff']:.4f}",
+        ]
+    )
+    head = ["stream", f"ppl {ta}", f"ppl {tb}", f"{ta} / {tb}", "per segment",
+            "mean abs NLL difference"]  # fmt: skip
+    ratio_rows = []
+    for m in ("sinks", "window"):
+        r = s[f"{m}_to_oracle"]
+        ratio_rows.append(
+            [
+                m,
+                f"**{r['a']['ratio']:.3f}**",
+                f"**{r['b']['ratio']:.3f}**",
+                fmt_spread(r["a"]["per_segment"]),
+                fmt_spread(r["b"]["per_segment"]),
+                f"{len(r['a']['segments_above'])} / {len(r['b']['segments_above'])} "
+                f"({len(r['above_in_both'])} in both)",
+                f"{r['max_abs_segment_ratio_diff']:.3f}",
+            ]
+        )
+    ratio_head = ["/ oracle", ta, tb, f"per segment, {ta}", f"per segment, {tb}",
+                  "segments above 1.05", "largest segment difference"]  # fmt: skip
+    return "\n".join(
+        [
+            f"`{runs['a']['dir']}` ({ta}) against `{runs['b']['dir']}` ({tb}): {s['tokens']:,} "
+            f"tokens, {s['targets']:,} targets, {s['segments']} segments.",
+            "",
+            _table(head, rows),
+            "",
+            _table(ratio_head, ratio_rows),
+        ]
+    )
+
+
 def host_memory(d: dict[str, Any]) -> str:
     s, a = d["summary"], d["settings"]
     streams = d["streams"]
@@ -394,6 +452,8 @@ SECTIONS: dict[str, Callable[[dict[str, Any]], str]] = {
     "serving": serving,
     "conversation": conversation,
     "long_ppl": long_ppl,
+    "long_ppl_float32": long_ppl,
+    "long_ppl_compare": long_ppl_compare,
     "host_memory": host_memory,
 }
 

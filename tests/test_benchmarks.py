@@ -45,8 +45,9 @@ PAGE = 32  # the benchmarks' KV block size
 # The quick suite starts four engines and two servers and takes 5 to 6.5 minutes on 2 CPU cores
 # (295 s and 385 s measured; serving, the longest, 131 s of the latter), plus the long
 # perplexity run's three engines, about 4 minutes (``long_ppl --quick``: 241 s measured alone at
-# 16,000 tokens and 12 targets; now 10,000 and 8), plus host_memory's own server and its 8 x 2,000
-# streamed tokens, about 1 minute (~30 s start, ~30 s streaming). The timeout only catches a hang.
+# 16,000 tokens and 12 targets on one thread; now 20,000 and 12 on two), plus host_memory's own
+# server and its 8 x 2,000 streamed tokens, about 1 minute (~30 s start, ~30 s streaming). The
+# timeout only catches a hang.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3000)]
 
 
@@ -688,7 +689,7 @@ def test_readme_tables_match_committed_results():
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     readme = (BENCH / "README.md").read_text()
-    for name in [*ENGINE_BENCHMARKS, "peer_llamacpp"]:
+    for name in [*ENGINE_BENCHMARKS, "peer_llamacpp", "long_ppl_float32", "long_ppl_compare"]:
         assert f"<!-- table:{name} -->" in readme, name
 
 
@@ -717,3 +718,28 @@ def test_reference_stretch_equals_the_whole_stream(tmp_path):
     np.testing.assert_allclose(got, whole, atol=1e-5, rtol=0)
     short, _ = score_stretch(ref, ids, a, b, chunk=chunk, margin=chunk)
     assert np.abs(short - whole).max() > 1e-3
+
+
+def test_long_ppl_compare_is_the_committed_runs():
+    """The committed bf16-against-float32 comparison is what the two committed million-token
+    runs give, recomputed here from their per-token NLL; and a run against itself is exact (the
+    comparison can tell two runs apart, and says 1 when there is nothing to tell)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import long_ppl_compare as lc
+    finally:
+        sys.path.remove(str(BENCH))
+    committed = json.loads((BENCH / "results" / "long_ppl_compare" / "results.json").read_text())
+    runs = committed["runs"]
+    assert (runs["a"]["dtype"], runs["b"]["dtype"]) == ("bfloat16", "float32")
+    a, b = (lc._run(BENCH / runs[k]["dir"]) for k in ("a", "b"))
+    summary, _ = lc.compare(a, b)
+    assert json.loads(json.dumps(summary)) == committed["summary"]
+    assert summary["tokens"] == 1_000_000 and summary["targets"] == 2_000
+    assert summary["sinks"]["mean_abs_nll_diff"] > 0  # two dtypes do differ, token by token
+
+    same, rows = lc.compare(a, a)
+    for m in ("sinks", "window", "oracle"):
+        assert same[m]["ppl_a_to_b"] == 1 and same[m]["max_abs_nll_diff"] == 0, m
+    assert same["sinks_to_oracle"]["max_abs_segment_ratio_diff"] == 0
+    assert len(rows) == 100 and all(r["ppl_sinks_a_to_b"] == 1 for r in rows)
