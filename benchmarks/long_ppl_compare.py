@@ -6,8 +6,9 @@ Both folders must hold the same stream (token ids) and the same targets. Reporte
 (sinks, window): perplexity over all tokens in each run and their ratio, the ratio per segment,
 the mean and largest per-token |NLL difference|; for the oracle the same on the targets; and
 each run's ratio to its own oracle, overall and per segment, with the segments above 1.05 in
-either. No engine runs: this reads the committed ``nll_per_token.npz``, ``targets.csv`` and
-``results.json``. Writes ``OUT/results.json`` and ``OUT/segments.csv``.
+either. No engine runs: perplexities and ratios to the oracle are read from each run's
+``results.json``, the token-by-token differences from its ``nll_per_token.npz`` and
+``targets.csv``. Writes ``OUT/results.json`` and ``OUT/segments.csv``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -39,20 +39,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _run(folder: Path) -> dict[str, Any]:
-    """One long_ppl result folder: settings, per-token NLL of A and B, the targets' NLL."""
-    d = json.loads((folder / "results.json").read_text())
+    """One long_ppl result folder: its results, the per-token NLL of A and B, the targets."""
     npz = np.load(folder / "nll_per_token.npz")
     with (folder / "targets.csv").open() as f:
         targets = list(csv.DictReader(f))
     return {
         "dir": folder,
-        "results": d,
+        "results": json.loads((folder / "results.json").read_text()),
         "ids": npz["token_ids"],
         "nll": {m: npz[m].astype(np.float64) for m in MODES},
         "positions": np.array([int(r["position"]) for r in targets]),
-        "target_nll": {
-            m: np.array([float(r[f"nll_{m}"]) for r in targets]) for m in (*MODES, "oracle")
-        },
+        "oracle_nll": np.array([float(r["nll_oracle"]) for r in targets]),
     }
 
 
@@ -64,36 +61,32 @@ def _rel(path: Path) -> str:
 
 
 def compare(a: dict[str, Any], b: dict[str, Any]) -> tuple[dict[str, Any], list[dict]]:
-    """The summary and the per-segment rows of run ``a`` against run ``b``."""
-    sa, sb = a["results"]["settings"], b["results"]["settings"]
+    """The summary and the per-segment rows of run ``a`` against run ``b``. Perplexities and
+    ratios to the oracle are each run's own (its ``results.json``); new here are the ratios
+    between the runs and the token-by-token differences."""
+    ra, rb = a["results"], b["results"]
     if not np.array_equal(a["ids"], b["ids"]):
         raise SystemExit("the two runs scored different text")
-    if not np.array_equal(a["positions"], b["positions"]) or sa["segment"] != sb["segment"]:
+    bounds = [[(r["start"], r["end"]) for r in run["segments"]] for run in (ra, rb)]
+    if not np.array_equal(a["positions"], b["positions"]) or bounds[0] != bounds[1]:
         raise SystemExit("the two runs have different targets or segments")
-    n, seg = len(a["ids"]), sa["segment"]
-    bounds = [(k, min(n, k + seg)) for k in range(0, n, seg)]
-    pos = a["positions"]
     rows: list[dict[str, Any]] = []
-    for i, (lo, hi) in enumerate(bounds):
-        row: dict[str, Any] = {"segment": i, "start": lo, "end": hi}
-        first = max(lo, 1)  # token 0 has no log-probability
+    for sa, sb in zip(ra["segments"], rb["segments"], strict=True):
+        row: dict[str, Any] = {k: sa[k] for k in ("segment", "start", "end", "targets")}
         for m in MODES:
-            pa = math.exp(a["nll"][m][first:hi].mean())
-            pb = math.exp(b["nll"][m][first:hi].mean())
+            pa, pb = sa[f"ppl_{m}"], sb[f"ppl_{m}"]
             row.update({f"ppl_{m}_a": pa, f"ppl_{m}_b": pb, f"ppl_{m}_a_to_b": pa / pb})
-        sel = (pos >= lo) & (pos < hi)
-        row["targets"] = int(sel.sum())
-        for run, key in ((a, "a"), (b, "b")):
-            t = run["target_nll"]
-            for m in MODES:
-                ratio = math.exp(t[m][sel].mean() - t["oracle"][sel].mean()) if sel.any() else None
-                row[f"ratio_{m}_{key}"] = ratio
+            row.update({f"ratio_{m}_a": sa[f"ratio_{m}"], f"ratio_{m}_b": sb[f"ratio_{m}"]})
         rows.append(row)
 
-    summary: dict[str, Any] = {"tokens": n, "targets": len(pos), "segments": len(bounds)}
+    summary: dict[str, Any] = {
+        "tokens": len(a["ids"]),
+        "targets": len(a["positions"]),
+        "segments": len(rows),
+    }
     for m in MODES:
-        diff = np.abs(a["nll"][m][1:] - b["nll"][m][1:])
-        pa, pb = math.exp(a["nll"][m][1:].mean()), math.exp(b["nll"][m][1:].mean())
+        diff = np.abs(a["nll"][m][1:] - b["nll"][m][1:])  # token 0 has no log-probability
+        pa, pb = ra["summary"][m]["ppl_all"], rb["summary"][m]["ppl_all"]
         summary[m] = {
             "ppl_a": pa,
             "ppl_b": pb,
@@ -102,29 +95,26 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> tuple[dict[str, Any], list[
             "mean_abs_nll_diff": float(diff.mean()),
             "max_abs_nll_diff": float(diff.max()),
         }
-    oa, ob = a["target_nll"]["oracle"], b["target_nll"]["oracle"]
+    oa, ob = ra["summary"]["oracle"]["ppl_targets"], rb["summary"]["oracle"]["ppl_targets"]
+    diff = np.abs(a["oracle_nll"] - b["oracle_nll"])
     summary["oracle"] = {
-        "ppl_a": math.exp(oa.mean()),
-        "ppl_b": math.exp(ob.mean()),
-        "ppl_a_to_b": math.exp(oa.mean() - ob.mean()),
-        "mean_abs_nll_diff": float(np.abs(oa - ob).mean()),
-        "max_abs_nll_diff": float(np.abs(oa - ob).max()),
+        "ppl_a": oa,
+        "ppl_b": ob,
+        "ppl_a_to_b": oa / ob,
+        "mean_abs_nll_diff": float(diff.mean()),
+        "max_abs_nll_diff": float(diff.max()),
     }
+    scored = [r for r in rows if r["targets"]]
     for m in MODES:
-        per = {}
-        for run, key in ((a, "a"), (b, "b")):
-            t = run["target_nll"]
-            with_targets = [r for r in rows if r[f"ratio_{m}_{key}"] is not None]
+        per: dict[str, Any] = {}
+        for run, key in ((ra, "a"), (rb, "b")):
             per[key] = {
-                "ratio": math.exp(t[m].mean() - t["oracle"].mean()),
-                "per_segment": spread(r[f"ratio_{m}_{key}"] for r in with_targets),
-                "segments_above": [
-                    r["segment"] for r in with_targets if r[f"ratio_{m}_{key}"] > HIGH
-                ],
+                "ratio": run["summary"][f"ratio_{m}_to_oracle"],
+                "per_segment": run["summary"][f"ratio_{m}_per_segment"],
+                "segments_above": [r["segment"] for r in scored if r[f"ratio_{m}_{key}"] > HIGH],
             }
-        both = [r for r in rows if r["targets"]]
         per["max_abs_segment_ratio_diff"] = max(
-            abs(r[f"ratio_{m}_a"] - r[f"ratio_{m}_b"]) for r in both
+            abs(r[f"ratio_{m}_a"] - r[f"ratio_{m}_b"]) for r in scored
         )
         # Is a segment high in one run high in the other (the text's) or only there (rounding)?
         above_b = set(per["b"]["segments_above"])

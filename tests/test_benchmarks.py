@@ -722,8 +722,9 @@ def test_reference_stretch_equals_the_whole_stream(tmp_path):
 
 def test_long_ppl_compare_is_the_committed_runs():
     """The committed bf16-against-float32 comparison is what the two committed million-token
-    runs give, recomputed here from their per-token NLL; and a run against itself is exact (the
-    comparison can tell two runs apart, and says 1 when there is nothing to tell)."""
+    runs give, recomputed here from their results and per-token NLL; and a run against itself
+    is exact (the comparison can tell two runs apart, and says 1 when there is nothing to
+    tell)."""
     sys.path.insert(0, str(BENCH))
     try:
         import long_ppl_compare as lc
