@@ -38,19 +38,19 @@ def wait_healthy(
 ) -> None:
     """Return once ``GET {url}/health`` answers 200; raise with the log's tail if the server
     exits first or is not healthy within ``timeout`` seconds."""
+    what = f"vllm serve {name}".strip()
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
             raise RuntimeError(
-                f"vllm serve {name} exited {proc.returncode}:\n"
-                + log_path.read_text(errors="replace")[-6000:]
+                f"{what} exited {proc.returncode}:\n" + log_path.read_text(errors="replace")[-6000:]
             )
         with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/health", timeout=2) as r:
             if r.status == 200:
                 return
         if time.monotonic() > deadline:
             raise RuntimeError(
-                f"vllm serve {name} not healthy in {timeout:.0f} s:\n"
+                f"{what} not healthy in {timeout:.0f} s:\n"
                 + log_path.read_text(errors="replace")[-6000:]
             )
         time.sleep(1)
