@@ -354,7 +354,24 @@ def between(samples: list[dict[str, Any]], a: int, b: int, role: str = "api_serv
     }
 
 
-def derive(samples: list[dict[str, Any]], readings: list[dict], target: int, roles: list[str]):
+def ratio(late: float | None, early: float | None) -> float | None:
+    """``late / early``; None where either is unknown or ``early`` is 0. A client that trails the
+    server reads chunks sent earlier, and over a short window of them the server's CPU clock
+    (10 ms ticks) may not move at all (a CI run's quick 10-30 % window measured 0)."""
+    return late / early if late is not None and early else None
+
+
+def fmt(x: float | None, spec: str = ".3f") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def derive(
+    samples: list[dict[str, Any]],
+    readings: list[dict],
+    target: int,
+    roles: list[str],
+    streams: int,
+):
     """Windows per tenth of the tokens and the summary's ratios, from the recorded samples."""
     windows = []
     for k in range(10):
@@ -383,11 +400,19 @@ def derive(samples: list[dict[str, Any]], readings: list[dict], target: int, rol
             "10-30%": early["cpu_ms_per_chunk"],
             "80-100%": late["cpu_ms_per_chunk"],
         },
-        "cpu_per_chunk_ratio_last20_over_10_30": late["cpu_ms_per_chunk"]
-        / early["cpu_ms_per_chunk"],
+        "cpu_per_chunk_ratio_last20_over_10_30": ratio(
+            late["cpu_ms_per_chunk"], early["cpu_ms_per_chunk"]
+        ),
         "mean_gap_ms": {"10-30%": early["mean_gap_ms"], "80-100%": late["mean_gap_ms"]},
-        "mean_gap_ratio_last20_over_10_30": late["mean_gap_ms"] / early["mean_gap_ms"],
+        "mean_gap_ratio_last20_over_10_30": ratio(late["mean_gap_ms"], early["mean_gap_ms"]),
     }
+    # How far the client trailed the front end at each reading (tokens per stream): where it
+    # trails, the chunks it reads were sent earlier, and their CPU lands in a later window.
+    summary["client_lag_tokens"] = [
+        round(r["state"]["front_end"]["output_tokens_min"] - r["tokens"] / streams, 1)
+        for r in readings
+        if r["state"]
+    ]
     sizes = [r["sizes"] for r in readings if r["sizes"]]
     summary["host_state_max"] = {k: max(s[k] for s in sizes) for k in sizes[0]} if sizes else {}
     summary["host_state_by_reading"] = {k: [s[k] for s in sizes] for k in sizes[0]} if sizes else {}
@@ -438,7 +463,7 @@ def run(args: argparse.Namespace, pool: EnginePool | None = None) -> dict[str, A
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     roles = list(procs)
-    windows, summary = derive(samples, readings, target, roles)
+    windows, summary = derive(samples, readings, target, roles, args.streams)
     server_log = log_path.read_text(errors="replace")
     summary["plugin_enabled_in_log"] = "vllm_sink enabled" in server_log
     summary["worker_process"] = "worker" in procs
@@ -452,12 +477,14 @@ def run(args: argparse.Namespace, pool: EnginePool | None = None) -> dict[str, A
     )
     log(
         "front-end CPU per chunk, last 20% / 10-30%: "
-        f"{summary['cpu_per_chunk_ratio_last20_over_10_30']:.3f} "
-        f"({summary['front_end_cpu_ms_per_chunk']['80-100%']:.3f} / "
-        f"{summary['front_end_cpu_ms_per_chunk']['10-30%']:.3f} ms); mean chunk gap ratio "
-        f"{summary['mean_gap_ratio_last20_over_10_30']:.3f}"
+        f"{fmt(summary['cpu_per_chunk_ratio_last20_over_10_30'])} "
+        f"({fmt(summary['front_end_cpu_ms_per_chunk']['80-100%'])} / "
+        f"{fmt(summary['front_end_cpu_ms_per_chunk']['10-30%'])} ms); mean chunk gap ratio "
+        f"{fmt(summary['mean_gap_ratio_last20_over_10_30'])}"
     )
     log(f"host_state max over readings: {summary['host_state_max']}")
+    log(f"client lag behind the front end at the readings, tokens per stream: "
+        f"{summary['client_lag_tokens']}")  # fmt: skip
     payload = result_envelope(
         "host_memory",
         {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},

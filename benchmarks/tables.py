@@ -28,6 +28,11 @@ def _row(cells: list[Any]) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
+def _num(x: float | None, spec: str = ".3f") -> str:
+    """A number, or "n/a" where the run could not measure it."""
+    return "n/a" if x is None else format(x, spec)
+
+
 def _table(header: list[str], rows: list[list[Any]], align: str | None = None) -> str:
     align = align or "l" + "r" * (len(header) - 1)
     sep = ["---" if a == "l" else "---:" for a in align]
@@ -430,10 +435,10 @@ def host_memory(d: dict[str, Any]) -> str:
             ),
             "",
             f"Front-end CPU per chunk, last 20 % / 10-30 % of the tokens: "
-            f"**{s['cpu_per_chunk_ratio_last20_over_10_30']:.3f}** ({cpu['80-100%']:.3f} / "
-            f"{cpu['10-30%']:.3f} ms); client's mean time between chunks: "
-            f"{s['mean_gap_ratio_last20_over_10_30']:.3f} ({gap['80-100%']:.1f} / "
-            f"{gap['10-30%']:.1f} ms).",
+            f"**{_num(s['cpu_per_chunk_ratio_last20_over_10_30'])}** "
+            f"({_num(cpu['80-100%'])} / {_num(cpu['10-30%'])} ms); client's mean time between "
+            f"chunks: {_num(s['mean_gap_ratio_last20_over_10_30'])} "
+            f"({_num(gap['80-100%'], '.1f')} / {_num(gap['10-30%'], '.1f')} ms).",
             "",
             f"Largest container of each kind, `GET /vllm_sink/host_state` ({len(readings)} "
             f"readings, first and last at {marks} tokens):",
