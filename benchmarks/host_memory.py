@@ -71,7 +71,7 @@ from common import (  # noqa: E402
 )
 
 from vllm_sink.endpoint import flat_sizes  # noqa: E402
-from vllm_sink.serve_process import die_with_parent, free_port, kill_group, wait_healthy  # noqa: E402
+from vllm_sink.serve_process import SERVER_POPEN, free_port, kill_group, wait_healthy  # noqa: E402
 
 VLLM = str(Path(sys.executable).with_name("vllm"))
 SERVED = "tiny"
@@ -445,8 +445,7 @@ def run(args: argparse.Namespace, pool: EnginePool | None = None) -> dict[str, A
                 env=_cli_env(scratch),
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=die_with_parent,
+                **SERVER_POPEN,
             )
         started = time.monotonic()
         try:

@@ -42,7 +42,7 @@ from common import (  # noqa: E402
     write_json,
 )
 
-from vllm_sink.serve_process import die_with_parent, free_port, kill_group, wait_healthy  # noqa: E402
+from vllm_sink.serve_process import SERVER_POPEN, free_port, kill_group, wait_healthy  # noqa: E402
 
 VLLM = str(Path(sys.executable).with_name("vllm"))
 SERVED = "smollm2"
@@ -114,8 +114,7 @@ class Server:
                 env=env,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=die_with_parent,
+                **SERVER_POPEN,
             )
         self.started = time.monotonic()
 

@@ -24,7 +24,7 @@ import metrics_sampler
 import pytest
 import requests
 
-from vllm_sink.serve_process import free_port, kill_group, wait_healthy
+from vllm_sink.serve_process import SERVER_POPEN, free_port, kill_group, wait_healthy
 
 MAX_MODEL_LEN = 512
 SERVED = "smollm2"
@@ -75,9 +75,7 @@ def running_server(cmd: list[str], env: dict, log_path: Path, port: int) -> Iter
     """Start ``cmd`` (a ``vllm serve``) in its own process group, yield its URL once healthy,
     and kill the group on the way out."""
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, **SERVER_POPEN)
     url = f"http://127.0.0.1:{port}"
     try:
         try:
@@ -190,7 +188,7 @@ def cli_runs(model_dir, cli_env) -> dict[str, tuple[int, str, float]]:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            start_new_session=True,
+            **SERVER_POPEN,
         )
         for name, argv in argvs.items()
     }

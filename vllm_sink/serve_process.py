@@ -1,8 +1,8 @@
 """Running ``vllm serve`` as a child process: a free port, health, and a clean stop.
 
 Shared by the tests and the benchmarks that start real servers. Each server runs in its own
-process group (``start_new_session=True``), so stopping it stops vLLM's engine-core and worker
-processes with it.
+process group (``SERVER_POPEN``), so stopping it stops vLLM's engine-core and worker processes
+with it.
 """
 
 from __future__ import annotations
@@ -26,11 +26,21 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def die_with_parent() -> None:
     """``preexec_fn``: the child gets SIGTERM when its parent dies (even by SIGKILL), so a
-    killed caller leaves no server behind (the server's own session is outside its group)."""
+    killed caller leaves no server behind (the server's process group is not the caller's, so a
+    signal to the caller's group does not reach it). Delivered when the thread that started the
+    child exits: start servers from the main thread."""
     with contextlib.suppress(Exception):
         import ctypes
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+# Popen keywords for a server: its own process group (``kill_group``) but the caller's session.
+# A new session (``start_new_session=True``) is also a new scheduler autogroup
+# (CONFIG_SCHED_AUTOGROUP): on 2 cores a server in its own autogroup held both cores for 25 s at
+# a time while its caller, runnable all along, got none (its streams trailed by thousands of
+# tokens; 7 of 21 host_memory quick runs, against 0 of 7 with one session: benchmarks README §9).
+SERVER_POPEN: dict = {"process_group": 0, "preexec_fn": die_with_parent}
 
 
 def wait_healthy(
