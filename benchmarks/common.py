@@ -119,6 +119,11 @@ def fmt_spread(s: dict[str, float], digits: int = 3, suffix: str = "") -> str:
     )
 
 
+def fmt_num(v: float | None, digits: int = 2) -> str:
+    """A number for tables and logs, or "-" where the run could not measure it."""
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
 # ----------------------------------------------------------------------------- result files
 
 

@@ -61,6 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     RESULTS,
     EnginePool,
+    fmt_num,
     log,
     plt,
     result_envelope,
@@ -361,10 +362,6 @@ def ratio(late: float | None, early: float | None) -> float | None:
     return late / early if late is not None and early else None
 
 
-def fmt(x: float | None, spec: str = ".3f") -> str:
-    return "n/a" if x is None else format(x, spec)
-
-
 def derive(
     samples: list[dict[str, Any]],
     readings: list[dict],
@@ -476,10 +473,10 @@ def run(args: argparse.Namespace, pool: EnginePool | None = None) -> dict[str, A
     )
     log(
         "front-end CPU per chunk, last 20% / 10-30%: "
-        f"{fmt(summary['cpu_per_chunk_ratio_last20_over_10_30'])} "
-        f"({fmt(summary['front_end_cpu_ms_per_chunk']['80-100%'])} / "
-        f"{fmt(summary['front_end_cpu_ms_per_chunk']['10-30%'])} ms); mean chunk gap ratio "
-        f"{fmt(summary['mean_gap_ratio_last20_over_10_30'])}"
+        f"{fmt_num(summary['cpu_per_chunk_ratio_last20_over_10_30'], 3)} "
+        f"({fmt_num(summary['front_end_cpu_ms_per_chunk']['80-100%'], 3)} / "
+        f"{fmt_num(summary['front_end_cpu_ms_per_chunk']['10-30%'], 3)} ms); mean chunk gap ratio "
+        f"{fmt_num(summary['mean_gap_ratio_last20_over_10_30'], 3)}"
     )
     log(f"host_state max over readings: {summary['host_state_max']}")
     log(f"client lag behind the front end at the readings, tokens per stream: "

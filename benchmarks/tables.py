@@ -21,16 +21,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, fmt_spread  # noqa: E402
+from common import RESULTS, fmt_num, fmt_spread  # noqa: E402
 
 
 def _row(cells: list[Any]) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
-
-
-def _num(x: float | None, spec: str = ".3f") -> str:
-    """A number, or "n/a" where the run could not measure it."""
-    return "n/a" if x is None else format(x, spec)
 
 
 def _table(header: list[str], rows: list[list[Any]], align: str | None = None) -> str:
@@ -280,10 +275,6 @@ def conversation(d: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _fmt(v: float | None, digits: int = 2) -> str:
-    return "-" if v is None else f"{v:.{digits}f}"
-
-
 def long_ppl(d: dict[str, Any]) -> str:
     s, a, labels = d["summary"], d["settings"], d["labels"]
     rows = []
@@ -293,11 +284,11 @@ def long_ppl(d: dict[str, Any]) -> str:
         rows.append(
             [
                 labels[m],
-                _fmt(e.get("ppl_all")),
-                _fmt(e.get("ppl_first_segment")),
-                _fmt(e.get("ppl_last_segment")),
+                fmt_num(e.get("ppl_all")),
+                fmt_num(e.get("ppl_first_segment")),
+                fmt_num(e.get("ppl_last_segment")),
                 f"{e['nll_targets_mean']:.4f}",
-                _fmt(e["ppl_targets"]),
+                fmt_num(e["ppl_targets"]),
                 f"**{ratio:.3f}**" if ratio is not None else "1",
                 f"{e['tok_s']:.0f}",
             ]
@@ -319,11 +310,11 @@ def long_ppl(d: dict[str, Any]) -> str:
     seg_rows = [
         [
             f"{r['start']:,}-{r['end']:,}",
-            _fmt(r["ppl_sinks"]),
-            _fmt(r["ppl_window"]),
+            fmt_num(r["ppl_sinks"]),
+            fmt_num(r["ppl_window"]),
             r["targets"],
-            _fmt(r["ratio_sinks"], 3),
-            _fmt(r["ratio_window"], 3),
+            fmt_num(r["ratio_sinks"], 3),
+            fmt_num(r["ratio_window"], 3),
         ]
         for r in picked
     ]
@@ -351,8 +342,8 @@ def long_ppl_compare(d: dict[str, Any]) -> str:
         rows.append(
             [
                 d["labels"][m],
-                _fmt(e["ppl_a"]),
-                _fmt(e["ppl_b"]),
+                fmt_num(e["ppl_a"]),
+                fmt_num(e["ppl_b"]),
                 f"**{e['ppl_a_to_b']:.4f}**",
                 fmt_spread(e["ppl_a_to_b_per_segment"], 4),
                 f"{e['mean_abs_nll_diff']:.4f}",
@@ -362,8 +353,8 @@ def long_ppl_compare(d: dict[str, Any]) -> str:
     rows.append(
         [
             f"{d['labels']['oracle']}, on the targets",
-            _fmt(o["ppl_a"]),
-            _fmt(o["ppl_b"]),
+            fmt_num(o["ppl_a"]),
+            fmt_num(o["ppl_b"]),
             f"**{o['ppl_a_to_b']:.4f}**",
             "-",
             f"{o['mean_abs_nll_diff']:.4f}",
@@ -435,10 +426,10 @@ def host_memory(d: dict[str, Any]) -> str:
             ),
             "",
             f"Front-end CPU per chunk, last 20 % / 10-30 % of the tokens: "
-            f"**{_num(s['cpu_per_chunk_ratio_last20_over_10_30'])}** "
-            f"({_num(cpu['80-100%'])} / {_num(cpu['10-30%'])} ms); client's mean time between "
-            f"chunks: {_num(s['mean_gap_ratio_last20_over_10_30'])} "
-            f"({_num(gap['80-100%'], '.1f')} / {_num(gap['10-30%'], '.1f')} ms).",
+            f"**{fmt_num(s['cpu_per_chunk_ratio_last20_over_10_30'], 3)}** "
+            f"({fmt_num(cpu['80-100%'], 3)} / {fmt_num(cpu['10-30%'], 3)} ms); client's mean "
+            f"time between chunks: {fmt_num(s['mean_gap_ratio_last20_over_10_30'], 3)} "
+            f"({fmt_num(gap['80-100%'], 1)} / {fmt_num(gap['10-30%'], 1)} ms).",
             "",
             f"Largest container of each kind, `GET /vllm_sink/host_state` ({len(readings)} "
             f"readings, first and last at {marks} tokens):",
