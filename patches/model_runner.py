@@ -1,370 +1,43 @@
-"""Patch ``GPUModelRunner._update_states``, ``_prepare_inputs``, ``_get_prompt_logprobs_dict`` and
-``_bookkeeping_sync`` (V1 runner; the CPU runner inherits them) and ``CPUModelRunner.load_model``:
-each request is kept compacted to ``[sink tokens | window tokens]``.
+"""Patch ``GPUModelRunner._update_states``, ``_prepare_inputs``, ``_get_prompt_logprobs_dict``,
+``_bookkeeping_sync`` and ``load_model`` (V1 runner; the CPU runner inherits the first four and
+has its own ``load_model``, patched too): the hooks that connect the worker's stream state
+(:mod:`vllm_sink.worker.streams`) and the sink attention backends (:mod:`vllm_sink.attention`)
+to vLLM's runner.
 
-The runner sizes a request's token row and block-table row by ``max_model_len`` and derives
-positions, slot mapping and ``seq_lens`` from ``num_computed_tokens``; an unbounded stream
-overflows all of them, and no public hook lets a plugin change how the runner indexes a request.
-So the scheduler stays in logical coordinates (token ``t`` of the stream) and the worker
-translates at the boundary:
+The runner sizes each request's rows by ``max_model_len`` and derives positions, slot mapping and
+``seq_lens`` from ``num_computed_tokens``; no public hook lets a plugin change how the runner
+indexes a request, hands its attention builders per-step data, or picks a backend per engine.
 
-- ``_update_states``: before vLLM's own update, every request whose window slid drops the freed
-  tokens and pages from its cached state (prompt, outputs, block ids) and is re-added to the
-  persistent batch, which rebuilds its rows from that state; ``num_computed_tokens`` from the
-  scheduler is shifted by the tokens dropped. Prompts longer than the row are kept as
-  ``prompt[:sinks] + prompt[ws : ws + room]`` and refilled as the window slides.
-- a new request that continues a stream (a streaming-input session's next chunk, or a request
-  that took over a finished stream's parked pages, :mod:`vllm_sink.parked`) arrives with the
-  stream's logical computed count and every block id; it keeps the stream's dropped tokens,
-  position offset and sink rotation, and only its new tokens are computed. A finished stream's
-  state is parked under its first page and dies when any of its pages is handed out again.
-- ``_prepare_inputs``: after vLLM computed positions (compact slots) and the slot mapping, each
-  request's position offset is added, so window keys keep the position they were written with and
-  a key is re-rotated only when positions are rebased (see :mod:`vllm_sink.backend`). The step's
-  plan (offsets, rebases) is handed to each of the runner's attention
-  metadata builders, and a builder that did not use the previous one is an error.
-- ``load_model``: the sink backend is registered for ``CPU_ATTN`` only while this runner builds its
-  model (and vLLM's backend-selection cache is cleared around it), so an engine built later in
-  the same process without ``vllm_sink`` gets the stock backend; each attention layer is then
-  given its module's own rotary embedding (:func:`vllm_sink.backend.bind_model_ropes`).
-
+- ``_update_states``: before vLLM's own update, :func:`~vllm_sink.worker.streams.before_update`
+  compacts requests whose window slid, continues, swaps and parks streams; the sink state of
+  streams that ended is freed in every layer.
+- ``_prepare_inputs``: :func:`~vllm_sink.worker.streams.plan_step` gives each request's position
+  offset and the step's sink work; the work goes to each attention metadata builder (one that
+  did not use the previous step's is an error) and the offsets are added to the positions vLLM
+  computed (after the slot mapping, which stays compact).
+- ``load_model``: the sink backend for this platform's kernel is registered only while this
+  runner builds its model (:func:`vllm_sink.attention.kernels.registered`), and the start-up log
+  names it; each attention layer then gets its module's own rotary embedding
+  (:func:`vllm_sink.attention.rope.bind_model_ropes`).
+- ``_get_prompt_logprobs_dict``: vLLM indexes prompt log-probabilities by prompt position; it is
+  shown the logical prompt for the duration of the call.
 - ``_bookkeeping_sync``: after a step that discards a seeded request's sample (a partial
   prefill), vLLM rewinds its generator by offset, which a CPU generator cannot do (the engine
   dies; vanilla vLLM too, once a seeded prompt is chunked). Eviction caps every request's chunk,
   so the sink runner keeps such generators' state in ``_prepare_inputs`` and restores it here.
 
 Every wrapper passes straight through for runners whose config does not enable ``vllm_sink``.
-Model Runner V2 (CUDA) would need its own counterpart; ``vllm_sink.enable`` refuses it.
+Model Runner V2 would need its own counterpart; :mod:`vllm_sink.enable` selects V1 or refuses.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from dataclasses import dataclass
 
-from vllm_sink import geometry
 from vllm_sink.compat import check_vllm_version
+from vllm_sink.worker.streams import StreamTracker, before_update, plan_step
 
 _applied = False
-NULL_BLOCK = 0  # vLLM's block pool keeps block 0 as the null block (freed entries point to it)
-
-
-@dataclass
-class StreamState:
-    """Worker-side view of one request's stream."""
-
-    prompt: list[int]  # the logical prompt (or every token, after a preemption)
-    dropped: int = 0  # tokens removed from the compact view
-    offset: int = 0  # position of compact slot s is s + offset
-    prefilled: int = 0  # prompt tokens computed since the request (or its turn) arrived
-    continued: bool = False  # this turn continues an earlier stream
-    sink_key: int = -1  # first page: keys the backend's sink state (-1: none yet)
-    own_params: bool = False  # the runner's sampling params are this worker's own copy
-
-
-@dataclass
-class SwappedOut:
-    """A preempted request's stream and a copy of its pages (per KV-cache tensor, in the
-    order of its compact block list); the scheduler gives it fresh pages when it resumes."""
-
-    state: StreamState
-    pages: list  # list[torch.Tensor]
-
-
-@dataclass(frozen=True)
-class ParkedState:
-    """What the worker needs to continue a finished stream, while its pages are parked."""
-
-    dropped: int
-    offset: int
-    blocks: frozenset[int]
-
-
-class StreamTracker:
-    """Per-runner bookkeeping of compacted requests."""
-
-    def __init__(self, runner) -> None:
-        from vllm_sink.backend import current_layout
-
-        layout = current_layout()
-        self.settings = layout.settings
-        self.block_size = runner.cache_config.block_size
-        self.sink_len = geometry.sink_pages(self.settings.sink_tokens, self.block_size) * (
-            self.block_size
-        )
-        self.row_len = runner.max_model_len
-        hf = runner.model_config.hf_text_config
-        # Largest position a step may use: rebase before crossing it.
-        self.max_position = hf.max_position_embeddings - 1
-        self.max_step = layout.max_step_tokens
-        self.streams: dict[str, StreamState] = {}
-        # Finished streams that a later request may continue (vLLM's prefix-caching switch).
-        self.keep_finished = bool(runner.cache_config.enable_prefix_caching)
-        self.parked: dict[int, ParkedState] = {}  # first page -> state
-        self.parked_blocks: dict[int, int] = {}  # page -> first page of its parked stream
-        # First pages of streams that ended (finished, parked state reclaimed): their sink
-        # state in the backend is freed before the step is built.
-        self.released: list[int] = []
-        # Preempted streams, and the keys their sink state is kept under meanwhile (negative:
-        # never a page id, so a new owner of the old first page cannot overwrite it).
-        self.swapped: dict[str, SwappedOut] = {}
-        self.renamed: list[tuple[int, int]] = []  # (old key, new key), applied before releases
-        self._next_stash = -2
-
-    def release(self, state: StreamState | None) -> None:
-        if state is not None and state.sink_key != -1 and self.sink_len:
-            self.released.append(state.sink_key)
-
-    def swap_out(self, runner, req_id: str, state: StreamState) -> None:
-        """Copy a preempted request's pages (the scheduler frees them this step; nothing
-        overwrites them before this step's forward) and park its sink state under a stash key."""
-        import torch
-
-        req_state = runner.requests[req_id]
-        blocks = torch.tensor(list(req_state.block_ids[0]), dtype=torch.long)
-        pages = [kv.index_select(0, blocks) for kv in runner.kv_caches]
-        if state.sink_key >= 0 and self.sink_len:
-            self.renamed.append((state.sink_key, self._next_stash))
-            state.sink_key = self._next_stash
-            self._next_stash -= 1
-        self.swapped[req_id] = SwappedOut(state, pages)
-
-    def swap_in(self, runner, req_id: str, n: int, new_rows) -> StreamState:
-        """Copy a swapped request's pages into the fresh ones the scheduler gave it.
-
-        The scheduler kept the pages the contract keeps at ``n`` (and may add pages for the
-        step's new tokens after them); the copy may hold a few more (eviction the worker had not
-        applied yet). They stay in the rows as placeholders for
-        the usual eviction (``_drop``) to remove, so prompt, outputs and offset move with them.
-        """
-        import torch
-
-        swapped = self.swapped.pop(req_id)
-        state = swapped.state
-        first = self.sink_len // self.block_size
-        extra = (self.evicted(n) - state.dropped) // self.block_size
-        fresh = [b for b in new_rows[0] if b != NULL_BLOCK]
-        copied = len(swapped.pages[0]) - extra  # the rest of ``fresh`` is for new tokens
-        if copied > len(fresh) or copied < first:
-            raise RuntimeError(
-                f"vllm_sink: request {req_id} resumes with {len(fresh)} pages, its copy has "
-                f"{len(swapped.pages[0])} ({extra} evicted since)"
-            )
-        keep = list(range(first)) + list(range(first + extra, copied + extra))
-        src, dst = torch.tensor(keep), torch.tensor(fresh[:copied])
-        for kv, pages in zip(runner.kv_caches, swapped.pages, strict=True):
-            kv.index_copy_(0, dst, pages.index_select(0, src))
-        runner.requests[req_id].block_ids = (fresh[:first] + [NULL_BLOCK] * extra + fresh[first:],)
-        if state.sink_key < -1:
-            self.renamed.append((state.sink_key, fresh[0]))
-            state.sink_key = fresh[0]
-        self.streams[req_id] = state
-        return state
-
-    def evicted(self, n: int) -> int:
-        s = self.settings
-        return geometry.evicted_tokens(n, s.sink_tokens, s.window_tokens, self.block_size)
-
-    def compact_prompt(self, state: StreamState) -> list[int]:
-        """``prompt[:sinks] + prompt[ws : ws + room]`` (whole prompt while it fits)."""
-        prompt, ws = state.prompt, self.sink_len + state.dropped
-        head = prompt[: self.sink_len] if state.dropped else []
-        start = ws if state.dropped else 0
-        room = self.row_len - len(head)
-        return head + prompt[start : start + room]
-
-    def park(self, req_state, state: StreamState) -> bool:
-        """Keep a finished stream's state while its pages are parked; False: not kept."""
-        rows = req_state.block_ids
-        if not self.keep_finished or not rows or not rows[0]:
-            return False
-        first = rows[0][0]
-        self.unpark(first)
-        blocks = frozenset(b for row in rows for b in row)
-        self.parked[first] = ParkedState(state.dropped, state.offset, blocks)
-        for b in blocks:
-            self.parked_blocks[b] = first
-        return True
-
-    def unpark(self, first: int) -> ParkedState | None:
-        """Take a parked stream's state (to resume it, or because its pages were reused)."""
-        parked = self.parked.pop(first, None)
-        if parked is not None:
-            for b in parked.blocks:
-                if self.parked_blocks.get(b) == first:
-                    del self.parked_blocks[b]
-        return parked
-
-    def reclaim(self, block_ids) -> None:
-        """Pages handed out anew: any parked stream that owned one of them is gone."""
-        for b in block_ids:
-            first = self.parked_blocks.get(b)
-            if first is not None:
-                self.unpark(first)
-                if self.sink_len:
-                    self.released.append(first)
-
-
-def _continue(tracker: StreamTracker, new, state: StreamState) -> None:
-    """``new`` continues ``state``'s stream: compact its block list and computed count.
-
-    The scheduler sends the logical computed count and every block id, with null entries where
-    pages were freed; it has already freed the pages this step's eviction rule frees.
-    """
-    n = new.num_computed_tokens
-    evicted = tracker.evicted(n)
-    state.prompt = list(new.prompt_token_ids or [])
-    state.offset += evicted - state.dropped
-    state.dropped = evicted
-    state.continued = True
-    first = tracker.sink_len // tracker.block_size
-    skip = evicted // tracker.block_size
-    new.block_ids = tuple(list(ids[:first]) + list(ids[first + skip :]) for ids in new.block_ids)
-    new.num_computed_tokens = n - evicted
-
-
-def _drop(tracker: StreamTracker, runner, req_id: str, state: StreamState, evicted: int) -> None:
-    """Drop tokens ``[sinks + state.dropped, sinks + evicted)`` from the request's cached state."""
-    req_state = runner.requests[req_id]
-    d = evicted - state.dropped
-    sink_len = tracker.sink_len
-    prompt_len = len(state.prompt)
-
-    def dropped_outputs(e: int) -> int:
-        # Output tokens (logical index >= prompt_len) inside the freed range [sinks, sinks + e).
-        return max(0, sink_len + e - max(prompt_len, sink_len))
-
-    newly = dropped_outputs(evicted) - dropped_outputs(state.dropped)
-    if newly:
-        s0 = max(0, sink_len - prompt_len)
-        del req_state.output_token_ids[s0 : s0 + newly]
-        params = req_state.sampling_params
-        if params is not None and params.min_tokens:
-            # vLLM's sampler counts min_tokens on this (now shorter) list: lower the worker's
-            # count by what left it, so the whole stream's outputs count. A private copy: an
-            # in-process engine core shares the params object with its scheduler.
-            if not state.own_params:
-                params = req_state.sampling_params = params.clone()
-                state.own_params = True
-            params.min_tokens = max(0, params.min_tokens - newly)
-    state.dropped = evicted
-    state.offset += d
-    req_state.prompt_token_ids = tracker.compact_prompt(state)
-    req_state.num_prompt_tokens = len(req_state.prompt_token_ids)
-    pages = d // tracker.block_size
-    first = sink_len // tracker.block_size
-    for block_ids in req_state.block_ids:
-        del block_ids[first : first + pages]
-    if runner.input_batch.req_id_to_index.get(req_id) is not None:
-        # Re-added by vLLM's own update from the compacted state.
-        runner.input_batch.remove_request(req_id)
-
-
-def _before_update(tracker: StreamTracker, runner, scheduler_output) -> None:
-    for req_id in scheduler_output.preempted_req_ids or ():
-        # The scheduler frees its pages this step and gives fresh ones back when it resumes.
-        state = tracker.streams.pop(req_id, None)
-        if state is not None and req_id in runner.requests:
-            tracker.swap_out(runner, req_id, state)
-    for req_id in scheduler_output.finished_req_ids:
-        swapped = tracker.swapped.pop(req_id, None)
-        if swapped is not None:  # aborted while preempted
-            tracker.release(swapped.state)
-        state = tracker.streams.pop(req_id, None)
-        req_state = runner.requests.get(req_id)
-        if state is None or req_state is None or not tracker.park(req_state, state):
-            tracker.release(state)
-    cached = scheduler_output.scheduled_cached_reqs
-    fresh_blocks = []
-    for new in scheduler_output.scheduled_new_reqs:
-        state = tracker.streams.get(new.req_id)
-        fresh_blocks.extend(new.block_ids)
-        if new.num_computed_tokens == 0:
-            state = StreamState(prompt=list(new.prompt_token_ids or []))
-        elif state is None:
-            # Took over a finished stream's parked pages (scheduler: SinkWindowManager.resume).
-            # Its first live page is one of the stream's (new pages come after it).
-            page = next(b for b in new.block_ids[0] if b != NULL_BLOCK)
-            parked = tracker.unpark(tracker.parked_blocks.get(page, -1))
-            if parked is None:
-                raise RuntimeError(
-                    f"vllm_sink: request {new.req_id} continues a stream whose worker state "
-                    f"is gone (page {page})"
-                )
-            state = StreamState(
-                prompt=[], dropped=parked.dropped, offset=parked.offset, sink_key=page
-            )
-        tracker.streams[new.req_id] = state
-        state.prefilled = 0
-        state.continued = False
-        if new.num_computed_tokens:
-            _continue(tracker, new, state)
-        elif new.block_ids and new.block_ids[0]:
-            state.sink_key = new.block_ids[0][0]
-        new.prompt_token_ids = tracker.compact_prompt(state)
-    for ids in fresh_blocks:
-        tracker.reclaim(ids)
-    for ids in cached.new_block_ids:
-        for row in ids or ():
-            tracker.reclaim(row)
-    for i, req_id in enumerate(cached.req_ids):
-        n = cached.num_computed_tokens[i]
-        resumed = req_id in cached.resumed_req_ids
-        swapped_in = resumed and n > 0 and req_id in tracker.swapped
-        if swapped_in:
-            tracker.swap_in(runner, req_id, n, cached.new_block_ids[i])
-        elif resumed:
-            # Preempted before it computed anything: a fresh stream over every token so far.
-            tracker.release(getattr(tracker.swapped.pop(req_id, None), "state", None))
-            if n:
-                raise RuntimeError(
-                    f"vllm_sink: request {req_id} resumes at token {n} without its pages' copy"
-                )
-            tokens = cached.all_token_ids.get(req_id)
-            req_state = runner.requests[req_id]
-            if tokens is None:
-                tokens = list(req_state.prompt_token_ids or []) + list(req_state.output_token_ids)
-            rows = cached.new_block_ids[i]
-            first = rows[0][0] if rows and rows[0] else -1
-            state = StreamState(prompt=list(tokens), sink_key=first)
-            tracker.streams[req_id] = state
-            req_state.prompt_token_ids = tracker.compact_prompt(state)
-            req_state.num_prompt_tokens = len(req_state.prompt_token_ids)
-            req_state.output_token_ids = []
-        if resumed:
-            cached.all_token_ids.pop(req_id, None)
-        state = tracker.streams[req_id]
-        evicted = tracker.evicted(n)
-        if evicted > state.dropped:
-            _drop(tracker, runner, req_id, state, evicted)
-        cached.num_computed_tokens[i] = n - state.dropped
-        if swapped_in:
-            # vLLM replaces a resumed request's rows with these: the compacted ones.
-            cached.new_block_ids[i] = tuple(list(ids) for ids in runner.requests[req_id].block_ids)
-
-
-def _plan_step(tracker: StreamTracker, runner, num_scheduled_tokens):
-    batch = runner.input_batch
-    offsets, rebase = [], []
-    for row, req_id in enumerate(batch.req_ids[: batch.num_reqs]):
-        state = tracker.streams[req_id]
-        end = int(batch.num_computed_tokens_cpu[row]) + int(num_scheduled_tokens[row])
-        old = state.offset
-        if old and end + old > tracker.max_position:
-            # Rebase: the oldest window token moves right after the sinks (offset 0); the
-            # backend rotates the window keys back by the old offset once.
-            state.offset = 0
-            rebase.append(old)
-        else:
-            rebase.append(0)
-        offsets.append(state.offset)
-        start = int(batch.num_computed_tokens_cpu[row]) + state.dropped
-        if start < len(state.prompt):
-            state.prefilled += min(int(num_scheduled_tokens[row]), len(state.prompt) - start)
-    from vllm_sink.backend import StepPlan
-
-    return StepPlan(offsets, rebase)
 
 
 def sink_enabled(runner) -> bool:
@@ -374,38 +47,20 @@ def sink_enabled(runner) -> bool:
     return CONFIG_KEY in (runner.vllm_config.additional_config or {})
 
 
-@contextlib.contextmanager
-def sink_backend_registered():
-    """``CPU_ATTN`` resolves to the sink backend inside the block only.
-
-    vLLM's backend selection is cached per selector config, so the cache is cleared on entry
-    and exit: neither an earlier nor a later engine in this process sees the other's backend.
-    """
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
-    from vllm.v1.attention.selector import _cached_get_attn_backend
-
-    cpu = AttentionBackendEnum.CPU_ATTN
-    previous = cpu.get_path() if cpu.is_overridden() else None
-    register_backend(cpu, "vllm_sink.backend.SinkCPUAttentionBackend")
-    _cached_get_attn_backend.cache_clear()
-    try:
-        yield
-    finally:
-        if previous is None:
-            cpu.clear_override()
-        else:
-            register_backend(cpu, previous)
-        _cached_get_attn_backend.cache_clear()
-
-
 def metadata_builders(runner) -> list:
     return [g.get_metadata_builder() for groups in runner.attn_groups for g in groups]
 
 
 def sink_impls(runner) -> list:
     """The runner's sink attention implementations (one per layer)."""
+    from vllm_sink.attention.sink import SinkAttentionImpl
+
     layers = runner.compilation_config.static_forward_context.values()
-    return [layer.impl for layer in layers if hasattr(getattr(layer, "impl", None), "rotator")]
+    return [
+        layer.impl
+        for layer in layers
+        if isinstance(getattr(layer, "impl", None), SinkAttentionImpl)
+    ]
 
 
 def apply() -> None:
@@ -417,12 +72,16 @@ def apply() -> None:
     check_vllm_version("vllm_sink.patches.model_runner")
     import numpy as np
     import torch
+    from vllm.logger import init_logger
+    from vllm.platforms import current_platform
     from vllm.v1.worker.cpu_model_runner import CPUModelRunner
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    from vllm_sink.backend import bind_model_ropes, free_sink_state, rename_sink_state
+    from vllm_sink.attention import kernels
+    from vllm_sink.attention.rope import bind_model_ropes
 
-    original_load = CPUModelRunner.load_model  # the CPU runner defines its own
+    logger = init_logger("vllm.vllm_sink")
+    original_loads = {cls: cls.load_model for cls in (GPUModelRunner, CPUModelRunner)}
     original_update = GPUModelRunner._update_states
     original_prepare = GPUModelRunner._prepare_inputs
     original_prompt_logprobs = GPUModelRunner._get_prompt_logprobs_dict
@@ -439,27 +98,36 @@ def apply() -> None:
             runner._vllm_sink_tracker = tracker
         return tracker
 
-    @functools.wraps(original_load)
-    def load_model(self, *args, **kwargs):
-        if not sink_enabled(self):
-            return original_load(self, *args, **kwargs)
-        with sink_backend_registered():
-            result = original_load(self, *args, **kwargs)
-        bind_model_ropes(self.get_model())
-        return result
+    def load_model_of(cls):
+        original_load = original_loads[cls]
+
+        @functools.wraps(original_load)
+        def load_model(self, *args, **kwargs):
+            if not sink_enabled(self) or getattr(self, "_vllm_sink_loading", False):
+                return original_load(self, *args, **kwargs)
+            kernel = kernels.kernel_for(current_platform)
+            if kernel is None:
+                raise RuntimeError(f"vllm_sink: no sink kernel for {current_platform.device_name}")
+            self._vllm_sink_loading = True  # one registration if a runner's load calls super's
+            try:
+                with kernels.registered(kernel):
+                    result = original_load(self, *args, **kwargs)
+            finally:
+                self._vllm_sink_loading = False
+            layers = bind_model_ropes(self.get_model())
+            logger.info("vllm_sink: sink attention runs %s (%d layers)", kernel.describe(), layers)
+            return result
+
+        return load_model
 
     @functools.wraps(original_update)
     def _update_states(self, scheduler_output):
         tracker = tracker_of(self)
         if tracker is None:
             return original_update(self, scheduler_output)
-        _before_update(tracker, self, scheduler_output)
+        before_update(tracker, self, scheduler_output)
         if tracker.released or tracker.renamed:
-            builders, impls = metadata_builders(self), sink_impls(self)
-            # Free first: a renamed stream may take over a key freed in this step.
-            free_sink_state(builders, impls, tracker.released)
-            rename_sink_state(builders, impls, tracker.renamed)
-            tracker.released, tracker.renamed = [], []
+            tracker.settle_sink_state(sink_impls(self))
         return original_update(self, scheduler_output)
 
     @functools.wraps(original_prepare)
@@ -467,20 +135,22 @@ def apply() -> None:
         tracker = tracker_of(self)
         if tracker is None:
             return original_prepare(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
-        plan = _plan_step(tracker, self, num_scheduled_tokens)
+        offsets, step = plan_step(tracker, self, num_scheduled_tokens)
         for builder in metadata_builders(self):
-            if builder.step_plan is not None:
+            if builder.sink_step is not None:
                 raise RuntimeError(
-                    f"vllm_sink: {type(builder).__name__} did not use the previous step's plan"
+                    f"vllm_sink: {type(builder).__name__} did not use the previous step's work"
                 )
-            builder.step_plan = plan
+            builder.sink_step = step
         result = original_prepare(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
-        if any(plan.offsets):
+        if any(offsets):
             # Slot mapping is already computed from the compact positions; the model reads
             # these buffers afterwards.
-            per_token = np.repeat(np.asarray(plan.offsets, dtype=np.int64), num_scheduled_tokens)
+            per_token = np.repeat(np.asarray(offsets, dtype=np.int64), num_scheduled_tokens)
             total = len(per_token)
-            self.positions[:total] += torch.from_numpy(per_token).to(self.positions.device)
+            self.positions[:total] += torch.from_numpy(per_token).to(
+                self.positions.device, non_blocking=True
+            )
         # Seeded rows whose sampled token this step discards (a partial prefill): vLLM rewinds
         # their generator by offset afterwards, which a CPU generator cannot do (it raises and
         # the engine dies). Keep their state now, restore it instead (_bookkeeping_sync).
@@ -530,7 +200,8 @@ def apply() -> None:
                 req_state.prompt_token_ids = prompt
                 req_state.num_computed_tokens = computed
 
-    CPUModelRunner.load_model = load_model
+    for cls in original_loads:
+        cls.load_model = load_model_of(cls)
     GPUModelRunner._update_states = _update_states
     GPUModelRunner._prepare_inputs = _prepare_inputs
     GPUModelRunner._get_prompt_logprobs_dict = _get_prompt_logprobs_dict

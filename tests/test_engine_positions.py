@@ -3,10 +3,11 @@
 The engine gives each request positions shifted from its cache slots (RoPE only sees
 differences) and rebases them only when they near the model's limit, so on a long stream they
 climb thousands above the slots. Float32 RoPE angles round differently there than at the
-reference's slots; both sides compute the angles in float64 (``vllm_sink.backend.exact_cos_sin``,
-``vllm_sink.reference._cos_sin``), and this checks the engine holds the same float32 tolerance as
-with shrunk positions. Its own module: one in-process engine at a time (a second engine torn down
-beside another takes vLLM's process-wide parallel state with it).
+reference's slots; both sides compute the angles in float64
+(``vllm_sink.attention.rope.exact_cos_sin``, ``vllm_sink.reference._cos_sin``), and this checks
+the engine holds the same float32 tolerance as with shrunk positions. Its own module: one
+in-process engine at a time (a second engine torn down beside another takes vLLM's process-wide
+parallel state with it).
 """
 
 from __future__ import annotations

@@ -97,7 +97,7 @@ def _rotary(**kw):
 def test_rotator_moves_keys_as_the_models_rotary_embedding(is_neox, partial):
     """Re-rotating a key written at position p by e equals vLLM's own rotary embedding at p+e,
     for both pairing styles (GPT-J style comes from the model's embedding, not the config)."""
-    from vllm_sink.backend import exact_rope, rotator_from_model_rope
+    from vllm_sink.attention.rope import exact_rope, rotator_from_model_rope
 
     rope = _rotary(
         is_neox_style=is_neox,
@@ -131,7 +131,7 @@ def test_exact_rope_table(params):
     """The sink model's rotary embedding: vLLM's frequencies, angles exact at every position
     (float32 angles are off by up to ~5e-4 rad at 8,000), and a copy: the embedding vLLM shares
     between models built in one process keeps its own table."""
-    from vllm_sink.backend import exact_cos_sin, exact_rope
+    from vllm_sink.attention.rope import exact_cos_sin, exact_rope
 
     rope = _rotary(rope_parameters=params, max_position=8192)
     own = rope.cos_sin_cache.clone()
@@ -158,7 +158,7 @@ def test_exact_rope_table(params):
 def test_exact_rope_table_in_the_models_dtype(dtype):
     """A bf16 or fp16 model's table: exact angles rounded to its dtype, equal to vLLM's own but
     for that dtype's last bit (the start-up check allows exactly that)."""
-    from vllm_sink.backend import exact_cos_sin, exact_rope
+    from vllm_sink.attention.rope import exact_cos_sin, exact_rope
 
     rope = _rotary(rope_parameters={"rope_theta": 100000.0}, max_position=8192, dtype=dtype)
     exact = exact_rope(rope)
@@ -170,7 +170,7 @@ def test_exact_rope_table_in_the_models_dtype(dtype):
 
 def test_rotator_refuses_a_scaled_table():
     """YaRN multiplies its cos/sin by an attention factor: moving a key would rescale it."""
-    from vllm_sink.backend import rotator_from_model_rope
+    from vllm_sink.attention.rope import rotator_from_model_rope
     from vllm_sink.enable import UnsupportedConfigError
 
     yarn = _rotary(

@@ -55,6 +55,7 @@ REPLACED = {
         ("vllm.v1.worker.gpu_model_runner:GPUModelRunner", "_prepare_inputs"),
         ("vllm.v1.worker.gpu_model_runner:GPUModelRunner", "_get_prompt_logprobs_dict"),
         ("vllm.v1.worker.gpu_model_runner:GPUModelRunner", "_bookkeeping_sync"),
+        ("vllm.v1.worker.gpu_model_runner:GPUModelRunner", "load_model"),
         ("vllm.v1.worker.cpu_model_runner:CPUModelRunner", "load_model"),
     ],
 }  # fmt: skip
@@ -102,7 +103,7 @@ result["on"] = replaced()
 result["on_extension"] = on.parallel_config.worker_extension_cls
 result["on_scheduler"] = str(on.scheduler_config.scheduler_cls)
 result["on_prefix_caching"] = on.cache_config.enable_prefix_caching
-import vllm_sink.worker  # what vLLM imports in each worker of a sink-enabled engine
+import vllm_sink.worker.extension  # what vLLM imports in each worker of a sink-enabled engine
 result["worker"] = replaced()
 from vllm.v1.attention.backends.registry import AttentionBackendEnum
 result["cpu_attn_overridden"] = AttentionBackendEnum.CPU_ATTN.is_overridden()
@@ -125,7 +126,7 @@ def test_every_replaced_function_is_replaced_only_when_enabled(model_dir):
     # The front end's patches come with the first sink-enabled config; the runner's with the
     # worker extension, imported only in workers of sink-enabled engines.
     assert result["on"] == _expect(ALWAYS + FRONT_END)
-    assert result["on_extension"] == "vllm_sink.worker.SinkWorkerExtension"
+    assert result["on_extension"] == "vllm_sink.worker.extension.SinkWorkerExtension"
     assert result["on_scheduler"].endswith("SinkScheduler")
     # Prefix caching stays vLLM's switch (on by default): it turns resumed streams on.
     assert result["on_prefix_caching"] is True

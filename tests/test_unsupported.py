@@ -50,7 +50,9 @@ CASES = {
                                 "prompt_lookup_max": 3}},
         "does not support speculative decoding",
     ),
-    "fp8 KV cache": ({"kv_cache_dtype": "fp8"}, r"does not support an fp8 KV cache"),
+    "fp8 KV cache": ({"kv_cache_dtype": "fp8"}, r"does not support a quantized KV cache"),
+    "int8 KV cache": ({"kv_cache_dtype": "int8_per_token_head"},
+                      r"a quantized KV cache \(kv_cache_dtype=int8_per_token_head"),
     "sliding window": ({"hf_overrides": {"sliding_window": 128}}, "a model sliding window"),
     "hybrid layers": (
         {"hf_overrides": {"layer_types": ["sliding_attention", "full_attention"] * 15,

@@ -7,6 +7,7 @@ configurations the plugin does not support, each with a message naming the probl
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from vllm.logger import init_logger
@@ -17,7 +18,10 @@ from vllm_sink.settings import SinkConfigError, SinkSettings
 
 logger = init_logger("vllm.vllm_sink")
 
-WORKER_EXTENSION = "vllm_sink.worker.SinkWorkerExtension"
+WORKER_EXTENSION = "vllm_sink.worker.extension.SinkWorkerExtension"
+# A GPU engine starts only with this opt-in until the TRITON_ATTN sink path has run on GPU
+# hardware (it is proven through Triton's interpreter on CPU, tests/test_triton_path.py).
+GPU_OPT_IN = "VLLM_SINK_GPU_UNVERIFIED"
 SCHEDULER = "vllm_sink.scheduler.SinkScheduler"
 
 
@@ -65,17 +69,37 @@ def _refused_args(engine_args: Any) -> list[str]:
     return refused
 
 
-def prepare_engine_args(engine_args: Any, settings: SinkSettings) -> None:
+def gpu_opted_in() -> bool:
+    return os.environ.get(GPU_OPT_IN, "0").strip().lower() in ("1", "true", "yes")
+
+
+def prepare_for_platform(engine_args: Any, platform: Any) -> None:
+    """On CUDA and ROCm: the sink path's kernel (``TRITON_ATTN``) and Model Runner V1, unless
+    the user chose otherwise (then :func:`refused_runtime` names the setting)."""
+    if not platform.is_cuda_alike():
+        return
+    if engine_args.attention_backend is None:
+        engine_args.attention_backend = "TRITON_ATTN"
+    if "VLLM_USE_V2_MODEL_RUNNER" not in os.environ:
+        # Read by the config's ``use_v2_model_runner`` in this process and in the workers it
+        # starts (they inherit the environment): later engines of this process use V1 too.
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        logger.info("vllm_sink: Model Runner V1 selected (VLLM_USE_V2_MODEL_RUNNER=0)")
+
+
+def prepare_engine_args(engine_args: Any, settings: SinkSettings, platform: Any = None) -> None:
     """Adjust ``EngineArgs`` before vLLM builds its config (public fields only)."""
     check_vllm_version()
+    if platform is None:
+        from vllm.platforms import current_platform as platform
     if engine_args.speculative_config:
         raise UnsupportedConfigError("vllm_sink does not support speculative decoding")
     refused = _refused_args(engine_args)
     if refused:
         raise UnsupportedConfigError(f"vllm_sink does not support {'; '.join(refused)}")
-    if str(engine_args.kv_cache_dtype).startswith("fp8"):
+    if str(engine_args.kv_cache_dtype) not in ("auto", "float16", "bfloat16", "float32"):
         raise UnsupportedConfigError(
-            "vllm_sink does not support an fp8 KV cache (kv_cache_dtype="
+            "vllm_sink does not support a quantized KV cache (kv_cache_dtype="
             f"{engine_args.kv_cache_dtype}): sink keys are re-rotated in place"
         )
     ext = engine_args.worker_extension_cls
@@ -90,6 +114,7 @@ def prepare_engine_args(engine_args: Any, settings: SinkSettings) -> None:
     engine_args.scheduler_cls = SCHEDULER
     # The worker compacts requests between steps; tokens in flight would straddle that.
     engine_args.async_scheduling = False
+    prepare_for_platform(engine_args, platform)
     # Prefix caching stays the user's switch: with it on, finished streams are parked and
     # resumed (vllm_sink.parked); pages are never shared as prefix-cache hits.
 
@@ -103,23 +128,61 @@ def step_tokens_per_request(scheduler_config: Any) -> int:
 
 def refused_runtime(vllm_config: Any, platform: Any) -> list[str]:
     """Platform, model runner and attention backend: the plugin implements the V1 runner with
-    the CPU platform's ``CPU_ATTN`` only (a GPU backend would need its own counterpart)."""
+    ``CPU_ATTN`` on the CPU platform and ``TRITON_ATTN`` on CUDA and ROCm
+    (:mod:`vllm_sink.attention.kernels`); a GPU engine also needs the :data:`GPU_OPT_IN`."""
+    from vllm_sink.attention.kernels import kernel_for
+
     problems = []
-    if not platform.is_cpu():
+    kernel = kernel_for(platform)
+    name = getattr(platform, "device_name", type(platform).__name__)
+    if kernel is None:
         problems.append(
-            f"the {getattr(platform, 'device_name', type(platform).__name__)} platform "
-            "(vllm_sink implements CPU_ATTN on the CPU "
-            "platform only; on this platform it would evict nothing)"
+            f"the {name} platform (vllm_sink implements CPU_ATTN on the CPU platform and "
+            "TRITON_ATTN on CUDA and ROCm; on this platform it would evict nothing)"
+        )
+    elif not platform.is_cpu() and not gpu_opted_in():
+        problems.append(
+            f"the {name} platform without {GPU_OPT_IN}=1 (the TRITON_ATTN sink path is tested "
+            "through Triton's interpreter on CPU and has not run on GPU hardware; set "
+            f"{GPU_OPT_IN}=1 to run it unverified)"
         )
     if vllm_config.use_v2_model_runner:
         problems.append("Model Runner V2 (set VLLM_USE_V2_MODEL_RUNNER=0)")
     attention = vllm_config.attention_config
     backend = getattr(attention.backend, "name", attention.backend)
-    if backend not in (None, "CPU_ATTN"):
-        problems.append(f"attention_backend={backend} (only CPU_ATTN is implemented)")
+    if kernel is not None and backend not in (None, kernel.slot):
+        problems.append(
+            f"attention_backend={backend} ({kernel.slot} is the one vllm_sink supports on "
+            f"the {name} platform)"
+        )
     if attention.backend_per_kind:
         problems.append("attention_config.backend_per_kind")
     return problems
+
+
+def configure_cuda_graphs(vllm_config: Any, platform: Any) -> None:
+    """Declare what the sink wrapper supports: attention outside captured CUDA graphs.
+
+    Sink moves and compacted rows change per step, so attention runs eagerly between captured
+    pieces (vLLM's ``PIECEWISE`` mode, the compiled default's attention split); full graphs are
+    turned into piecewise ones, or refused where attention is not compiled piecewise."""
+    from vllm.config import CompilationMode, CUDAGraphMode
+
+    cc = vllm_config.compilation_config
+    mode = cc.cudagraph_mode
+    if platform.is_cpu() or mode is None or not mode.has_full_cudagraphs():
+        return
+    if cc.mode != CompilationMode.VLLM_COMPILE or not cc.splitting_ops_contain_attention():
+        raise UnsupportedConfigError(
+            f"vllm_sink does not support cudagraph_mode={mode.name} without attention compiled "
+            "piecewise (sink attention runs outside captured graphs: use PIECEWISE or NONE)"
+        )
+    cc.cudagraph_mode = CUDAGraphMode.PIECEWISE
+    logger.info(
+        "vllm_sink: cudagraph_mode %s -> PIECEWISE (sink attention runs outside captured "
+        "CUDA graphs)",
+        mode.name,
+    )
 
 
 def rope_type(hf_config: Any) -> str:
@@ -133,13 +196,14 @@ def rope_type(hf_config: Any) -> str:
     return "default"
 
 
-def finalize_config(vllm_config: Any, settings: SinkSettings) -> None:
+def finalize_config(vllm_config: Any, settings: SinkSettings, platform: Any = None) -> None:
     """Refuse built configs the plugin does not support."""
-    from vllm.platforms import current_platform
+    if platform is None:
+        from vllm.platforms import current_platform as platform
 
     model_config = vllm_config.model_config
     hf = model_config.hf_text_config
-    problems = refused_runtime(vllm_config, current_platform)
+    problems = refused_runtime(vllm_config, platform)
     if model_config.use_mla:
         problems.append("MLA attention")
     if model_config.uses_mrope:
@@ -165,6 +229,14 @@ def finalize_config(vllm_config: Any, settings: SinkSettings) -> None:
             f"vllm_sink does not support {', '.join(problems)} ({model_config.model})"
         )
 
+    configure_cuda_graphs(vllm_config, platform)
+    if not platform.is_cpu():
+        logger.warning(
+            "vllm_sink on %s is UNVERIFIED on GPU hardware (%s=1): the TRITON_ATTN sink path "
+            "is tested through Triton's interpreter on CPU only",
+            platform.device_name,
+            GPU_OPT_IN,
+        )
     block_size = vllm_config.cache_config.block_size
     sb = geometry.sink_pages(settings.sink_tokens, block_size)
     # A compacted request holds the sink pages, the window, a partial page and one step's

@@ -38,7 +38,7 @@ from vllm.v1.utils import ConstantList
 from vllm_sink import metrics
 from vllm_sink.block_list import BlockList
 from vllm_sink.enable import step_tokens_per_request
-from vllm_sink.kv_cache import SinkWindowManager
+from vllm_sink.kv_cache import SinkWindowManager, SinkWindowSpec
 from vllm_sink.tail import TailList
 
 # Effectively unbounded, and still a plain int for the arithmetic vLLM does with it.
@@ -71,6 +71,16 @@ class SinkScheduler(Scheduler):
             raise UnsupportedConfigError(
                 f"vllm_sink supports one KV-cache group (uniform attention layers), "
                 f"got {len(groups)}"
+            )
+        if not isinstance(groups[0].kv_cache_spec, SinkWindowSpec):
+            from vllm_sink.enable import UnsupportedConfigError
+
+            # The workers did not build sink layers (a runner the plugin does not hook, such as
+            # Model Runner V2): nothing would be evicted while the length caps are lifted.
+            raise UnsupportedConfigError(
+                "vllm_sink: the workers' attention layers are not sink layers "
+                f"({type(groups[0].kv_cache_spec).__name__}); vllm_sink runs on Model Runner V1 "
+                "(VLLM_USE_V2_MODEL_RUNNER=0)"
             )
         self.swapped: dict[str, SwappedStream] = {}
         self.num_swapped_in = 0  # preempted streams resumed from their pages (not recomputed)

@@ -33,10 +33,14 @@ class SinkWorkerExtension:
                 for g in groups
             }
         )
+        tracker = getattr(runner, "_vllm_sink_tracker", None)
         return {
             "pid": os.getpid(),
             "plugin_registered": plugin.is_registered(),
             "attention_backends": backends,
+            # Since start: sink moves and window rebases applied (what tests check happened).
+            "sink_moves": tracker.num_sink_moves if tracker else 0,
+            "rebases": tracker.num_rebases if tracker else 0,
         }
 
     def vllm_sink_streams(self) -> dict[str, dict[str, int]]:
@@ -71,7 +75,6 @@ class SinkWorkerExtension:
         derived): they must hold live and parked streams only."""
         runner = self.model_runner  # type: ignore[attr-defined]
         tracker = getattr(runner, "_vllm_sink_tracker", None)
-        builders = model_runner.metadata_builders(runner)
         impls = model_runner.sink_impls(runner)
         pristine = [set(impl.rotator.pristine) for impl in impls if impl.rotator is not None]
         return {
@@ -80,7 +83,7 @@ class SinkWorkerExtension:
             "parked_blocks": len(tracker.parked_blocks) if tracker else 0,
             "released_pending": len(tracker.released) if tracker else 0,
             "swapped": len(tracker.swapped) if tracker else 0,
-            "sink_offsets": max((len(getattr(b, "sink_offsets", ())) for b in builders), default=0),
+            "sink_offsets": len(tracker.sink_offsets) if tracker else 0,
             "pristine": max((len(p) for p in pristine), default=0),
             "runner_requests": len(runner.requests),
             "layers": len(impls),

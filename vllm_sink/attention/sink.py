@@ -1,0 +1,217 @@
+"""The sink wrapper: one implementation of the sink logic over any paged attention kernel.
+
+The stock paged kernel does the attention. Per step:
+
+- each block-table row and ``seq_lens`` arrive already compacted by the worker
+  (:mod:`vllm_sink.worker.streams`), so the kernel sees ``sb*bs + (n - ws) + q`` tokens laid out
+  as cache slots (the new tokens are still the last ``q``, so the causal mask is unchanged);
+- window tokens keep the position they were written with, and the queries keep theirs, so
+  their query-to-key distances already equal those of cache-slot positions; only the sink keys
+  must move, to sit just before the oldest window token. They are re-rotated once per freed
+  page, always from a pristine copy taken before their first move, so rounding never
+  accumulates (:class:`vllm_sink.attention.rope.SinkRotator`); a position rebase rotates the
+  window keys back once.
+
+What to capture, move and rebase is decided on the host, once per step, by the worker
+(:class:`SinkStep`, built from its own block table); each layer's impl applies it to its cache
+before the kernel runs. A kernel contributes three things only, kept side by side in
+:mod:`vllm_sink.attention.cpu` and :mod:`vllm_sink.attention.triton`: its metadata builder and
+impl (the bases the mixins below wrap), and how to read and write K/V at cache slots (its layout
+and its own cache writer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+from vllm.config import get_current_vllm_config
+from vllm.v1.attention.backend import AttentionCGSupport, CommonAttentionMetadata
+from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec
+
+from vllm_sink.enable import step_tokens_per_request
+from vllm_sink.kv_cache import SinkWindowSpec
+from vllm_sink.settings import SinkSettings, settings_from_additional_config
+
+
+@dataclass(frozen=True)
+class SinkLayout:
+    """What the worker needs to know to lay out caches (read once per process)."""
+
+    settings: SinkSettings
+    max_step_tokens: int
+
+
+_layout: SinkLayout | None = None
+
+
+def capture_layout() -> SinkLayout:
+    """Read the settings of the engine whose model is being built (its config is current).
+
+    Called for every model built, so a process that builds several engines one after the
+    other (an in-process engine core) never serves one with another's settings.
+    """
+    global _layout
+    config = get_current_vllm_config()
+    settings = settings_from_additional_config(config.additional_config)
+    if settings is None:
+        raise RuntimeError("vllm_sink backend used without vllm_sink settings")
+    _layout = SinkLayout(settings, step_tokens_per_request(config.scheduler_config))
+    return _layout
+
+
+def current_layout() -> SinkLayout:
+    """The settings of the engine this worker serves (captured when its model was built)."""
+    if _layout is None:
+        return capture_layout()
+    return _layout
+
+
+# ------------------------------------------------------------------------------------ the step
+
+
+@dataclass(frozen=True)
+class SinkCapture:
+    key: int  # the request's first sink page: identifies its pristine copy
+    src: int  # first batch token to copy
+    dst: int  # its index among the sink tokens
+    count: int
+    sink_len: int  # tokens in the sink pages
+
+
+@dataclass(frozen=True)
+class SinkMove:
+    key: int
+    slots: torch.Tensor  # cache slots of the sink tokens, long [sink_len]
+    offset: int  # tokens evicted so far: the sinks now sit at positions offset + i
+
+
+@dataclass(frozen=True)
+class WindowRebase:
+    slots: torch.Tensor  # cache slots of the window tokens cached before this step
+    shift: int  # rotate their keys by this many positions (negative: back)
+
+
+@dataclass
+class SinkStep:
+    """The sink work of one step, for every layer: made by the worker on the host, its slot
+    tensors moved to the device once (:meth:`to`), read by each layer's impl."""
+
+    captures: list[SinkCapture] = field(default_factory=list)
+    moves: list[SinkMove] = field(default_factory=list)
+    rebases: list[WindowRebase] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.captures or self.moves or self.rebases)
+
+    def to(self, device: torch.device) -> SinkStep:
+        """The same step with its slots on ``device`` (copied without waiting)."""
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device, non_blocking=True)
+
+        return SinkStep(
+            self.captures,
+            [SinkMove(m.key, move(m.slots), m.offset) for m in self.moves],
+            [WindowRebase(move(r.slots), r.shift) for r in self.rebases],
+        )
+
+
+# ------------------------------------------------------------------------------------ builder
+
+
+class SinkMetadataBuilder:
+    """Mixed in before a kernel's metadata builder: attaches the step's :class:`SinkStep` (set
+    by the worker for each real step, consumed by that step's build) to the kernel's metadata.
+    Dummy and profiling runs (no step) build the kernel's metadata unchanged.
+
+    CUDA graphs: attention runs outside captured graphs (vLLM's piecewise mode), since the sink
+    moves and the compacted rows change per step; full capture is not declared."""
+
+    _cudagraph_support = AttentionCGSupport.NEVER
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.sink_step: SinkStep | None = None
+
+    def build(
+        self,
+        common_prefix_len: int,
+        common_attn_metadata: CommonAttentionMetadata,
+        fast_build: bool = False,
+    ):
+        metadata = super().build(common_prefix_len, common_attn_metadata, fast_build)
+        step, self.sink_step = self.sink_step, None
+        if step:
+            metadata.sink_step = step.to(common_attn_metadata.seq_lens.device)
+        return metadata
+
+
+# ------------------------------------------------------------------------------------ impl
+
+
+class SinkAttentionImpl:
+    """Mixed in before a kernel's impl: applies the step's captures, sink moves and window
+    rebases to this layer's cache, then runs the kernel. A kernel module supplies
+    :meth:`read_kv` and :meth:`write_kv` (its page layout and its own cache writer)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        capture_layout()  # the settings of the engine whose model is being built
+        # The model's own rotary embedding, bound once the model is built (bind_model_ropes).
+        self.rotator = None
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kw):
+        step = getattr(attn_metadata, "sink_step", None)
+        if step is not None:
+            if step.captures:
+                self.rotator.capture(step.captures, key, value)
+            for move in step.moves:
+                self.write_kv(layer, kv_cache, move.slots, *self.rotator.moved(move))
+            for rebase in step.rebases:
+                keys, values = self.read_kv(layer, kv_cache, rebase.slots)
+                keys = self.rotator.rotate(keys, rebase.shift)
+                self.write_kv(layer, kv_cache, rebase.slots, keys, values)
+        return super().forward(
+            layer, query, key, value, kv_cache, attn_metadata, output, *args, **kw
+        )
+
+    def read_kv(self, layer, kv_cache, slots) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V ``[tokens, kv_heads, head]`` at ``slots``."""
+        raise NotImplementedError
+
+    def write_kv(self, layer, kv_cache, slots, keys, values) -> None:
+        """Write K/V ``[tokens, kv_heads, head]`` at ``slots`` with the kernel's own writer."""
+        raise NotImplementedError
+
+
+def sink_spec(spec: AttentionSpec) -> SinkWindowSpec:
+    """The KV-cache spec of a sink layer: pages sized by the bounded page count."""
+    if type(spec) is not FullAttentionSpec:
+        raise ValueError(
+            f"vllm_sink supports plain full-attention layers only, got {type(spec).__name__}"
+        )
+    layout = current_layout()
+    return SinkWindowSpec(
+        **{f.name: getattr(spec, f.name) for f in fields(spec)},
+        sink_tokens=layout.settings.sink_tokens,
+        window_tokens=layout.settings.window_tokens,
+        max_step_tokens=layout.max_step_tokens,
+    )
+
+
+def free_sink_state(impls: list, keys: list[int]) -> None:
+    """Forget the pristine copies of streams that ended (before the step's build, so a new
+    owner of a freed first page, which captures its own sinks in this step, starts clean)."""
+    for impl in impls:
+        if impl.rotator is not None:
+            for key in keys:
+                impl.rotator.pristine.pop(key, None)
+
+
+def rename_sink_state(impls: list, renames: list[tuple[int, int]]) -> None:
+    """Move streams' pristine copies to new keys (a swapped stream's first page changes)."""
+    for old, new in renames:
+        for impl in impls:
+            if impl.rotator is not None and old in impl.rotator.pristine:
+                impl.rotator.pristine[new] = impl.rotator.pristine.pop(old)
