@@ -45,23 +45,25 @@ config)                       from vLLM's source with one statement changed: the
 config)                       metrics for sink engines only. Gone with per-engine stat-logger
                               plugins. Test: ``test_serve.py`` (metrics).
 ``model_runner`` (worker of   ``GPUModelRunner._update_states`` / ``_prepare_inputs`` /
-a sink engine)                ``_get_prompt_logprobs_dict`` / ``_bookkeeping_sync``,
-                              ``CPUModelRunner.load_model``: compacted requests, position
-                              offsets, the step plan for the backend, the sink backend
-                              registered for ``CPU_ATTN`` while the model is built, the
-                              model's rotary embedding swapped for a copy with float64 angles
-                              (``backend.exact_rope``), seeded generators restored (not
-                              rewound by offset, which the CPU generator cannot do) after a
-                              partial-prefill step. Gone with a runner hook for per-request
-                              block tables and positions (and a CPU fix for the rewind).
-                              Test: every engine test,
+a sink engine)                ``_get_prompt_logprobs_dict`` / ``_bookkeeping_sync`` /
+                              ``load_model``, ``CPUModelRunner.load_model``: the hooks that
+                              connect the worker's stream state (``vllm_sink.worker.streams``:
+                              compacted requests, position offsets, the step's sink work) and
+                              the sink backends (``vllm_sink.attention``, registered for the
+                              platform's kernel while the model is built, the model's rotary
+                              embedding swapped for a copy with float64 angles) to the V1
+                              runner; seeded generators restored (not rewound by offset, which
+                              the CPU generator cannot do) after a partial-prefill step. Gone
+                              with a runner hook for per-request block tables and positions
+                              (and a CPU fix for the rewind). Test: every engine test,
+                              ``test_triton_path.py``,
                               ``test_envelope.py::test_seeded_request_with_a_chunked_prompt``,
                               ``test_engine_positions.py``.
 ============================  ===================================================================
 
 Public extension points used, not patches: ``additional_config`` (settings),
 ``scheduler_cls`` (:mod:`vllm_sink.scheduler`), ``worker_extension_cls``
-(:mod:`vllm_sink.worker`), the KV-cache spec/manager registry (:mod:`vllm_sink.kv_cache`),
+(:mod:`vllm_sink.worker.extension`), the KV-cache spec/manager registry (:mod:`vllm_sink.kv_cache`),
 ``register_backend`` (scoped by ``model_runner``), ``async_scheduling=False``, the
 ``vllm.endpoint_plugins`` entry point (``/vllm_sink/host_state``, :mod:`vllm_sink.endpoint`).
 """

@@ -165,3 +165,23 @@ def test_gpu_deploy_files_use_the_opt_in():
     deploy = Path(__file__).resolve().parents[1] / "deploy"
     for name in ("cluster.yaml", "rayservice.yaml", "Dockerfile"):
         assert f"{GPU_OPT_IN}" in (deploy / name).read_text(), name
+
+
+def test_gpu_check_command_runs(model_dir):
+    """The command a GPU user runs first, run here on the CPU path at its quick size: parity
+    against the reference passes and both decode rates are measured."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "vllm_sink.gpu_check", "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["pass"] and result["parity"]["max_nats"] <= 1e-4
+    assert result["decode"]["vanilla_tok_s"] > 0 and result["decode"]["plugin_tok_s"] > 0

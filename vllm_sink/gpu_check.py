@@ -72,7 +72,7 @@ def decode_rate(model: str, sink: dict | None, args: argparse.Namespace) -> floa
     from vllm.inputs import TokensPrompt
 
     # Both engines hold every stream whole (work both can do); the plugin's also evicts.
-    max_len = args.decode + 16
+    max_len = max(args.max_len, args.decode + 16)
     llm = _engine(model, sink, max_len, dtype=args.dtype, block_size=args.block_size)
     params = SamplingParams(max_tokens=args.decode, temperature=0, ignore_eos=True)
     prompts = [TokensPrompt(prompt_token_ids=[100 + i, 200, 300, 400]) for i in range(args.streams)]
