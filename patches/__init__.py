@@ -59,6 +59,14 @@ a sink engine)                ``_get_prompt_logprobs_dict`` / ``_bookkeeping_syn
                               ``test_triton_path.py``,
                               ``test_envelope.py::test_seeded_request_with_a_chunked_prompt``,
                               ``test_engine_positions.py``.
+``bench_commands`` (a bench  ``vllm.benchmarks.throughput.run_vllm`` / ``run_vllm_chat`` /
+command builds its parser)    ``run_vllm_async``, ``vllm.benchmarks.latency.main``, recompiled
+                              from vLLM's source with the one expression that reads
+                              ``max_model_len`` in their length check routed through
+                              ``length_limit`` (unbounded for a sink engine only): ``vllm bench
+                              throughput/latency`` measure streams past ``max_model_len``. Gone
+                              with a length check that asks the engine. Test:
+                              ``test_bench_commands.py``.
 ============================  ===================================================================
 
 Public extension points used, not patches: ``additional_config`` (settings),

@@ -159,6 +159,10 @@ def apply() -> None:
     def add_cli_args(parser, *args, **kwargs):
         parser = original_add(parser, *args, **kwargs)
         add_sink_arguments(parser)
+        # A bench command building its parser: let its length checks see sink engines.
+        from vllm_sink.patches import bench_commands
+
+        bench_commands.apply()
         return parser
 
     @functools.wraps(original_from)

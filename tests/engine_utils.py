@@ -13,6 +13,21 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The RoPE variants the plugin accepts, as tiny checkpoints write them (make_tiny_llama).
+ROPE_VARIANTS = {
+    "default": {"rope_type": "default", "rope_theta": 10000.0},
+    "partial rotary": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+    "linear": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+    "llama3": {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32,
+    },
+}
+
 
 def kv_manager(llm):
     """The scheduler's KV-cache manager of an in-process engine core."""

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine_utils import prompt_logprobs, run_script, sink_llm
+from engine_utils import ROPE_VARIANTS, prompt_logprobs, run_script, sink_llm
 
 SINK, WINDOW, MAX_LEN = 4, 64, 256
 
@@ -35,20 +35,6 @@ def _token(model_dir, text: str) -> int:
 
 
 # ----------------------------------------------------------------------------- RoPE variants
-
-ROPE_VARIANTS = {
-    "default": {"rope_type": "default", "rope_theta": 10000.0},
-    "partial rotary": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
-    "linear": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
-    "llama3": {
-        "rope_type": "llama3",
-        "rope_theta": 500000.0,
-        "factor": 8.0,
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 32,
-    },
-}
 
 
 @pytest.mark.parametrize("variant", list(ROPE_VARIANTS))

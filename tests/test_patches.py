@@ -58,6 +58,12 @@ REPLACED = {
         ("vllm.v1.worker.gpu_model_runner:GPUModelRunner", "load_model"),
         ("vllm.v1.worker.cpu_model_runner:CPUModelRunner", "load_model"),
     ],
+    "bench_commands": [
+        ("vllm.benchmarks.throughput", "run_vllm"),
+        ("vllm.benchmarks.throughput", "run_vllm_chat"),
+        ("vllm.benchmarks.throughput", "run_vllm_async"),
+        ("vllm.benchmarks.latency", "main"),
+    ],
 }  # fmt: skip
 ALWAYS = ["cli_args", "engine_args"]  # installed at plugin load: how the feature is noticed
 FRONT_END = [
@@ -69,6 +75,7 @@ FRONT_END = [
     "stat_loggers",
 ]
 GUARDED = [*FRONT_END, "model_runner"]
+BENCH = ["bench_commands"]  # when a bench command builds its parser (pass-through without sinks)
 
 CHECK = """
 import importlib, json, os
@@ -107,6 +114,9 @@ import vllm_sink.worker.extension  # what vLLM imports in each worker of a sink-
 result["worker"] = replaced()
 from vllm.v1.attention.backends.registry import AttentionBackendEnum
 result["cpu_attn_overridden"] = AttentionBackendEnum.CPU_ATTN.is_overridden()
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+EngineArgs.add_cli_args(FlexibleArgumentParser())  # as `vllm bench throughput/latency` do
+result["parser"] = replaced()
 print("RESULT " + json.dumps(result), flush=True)
 """
 
@@ -130,7 +140,8 @@ def test_every_replaced_function_is_replaced_only_when_enabled(model_dir):
     assert result["on_scheduler"].endswith("SinkScheduler")
     # Prefix caching stays vLLM's switch (on by default): it turns resumed streams on.
     assert result["on_prefix_caching"] is True
-    assert result["worker"] == _expect(list(REPLACED))
+    assert result["worker"] == _expect([n for n in REPLACED if n not in BENCH])
+    assert result["parser"] == _expect(list(REPLACED))
     # The sink backend is registered only while a sink runner builds its model.
     assert result["cpu_attn_overridden"] is False
 
@@ -144,6 +155,22 @@ def test_every_patch_module_is_listed():
     assert modules == sorted(["__init__", *REPLACED])
     for name in REPLACED:
         assert f"``{name}``" in patches.__doc__, f"{name} missing from the list of patches"
+
+
+def test_bench_patch_keeps_vanillas_check_on_untested_vllm(monkeypatch):
+    """On an untested vLLM the bench patch warns and replaces nothing: the commands keep
+    vLLM's own length checks."""
+    import vllm
+    import vllm.benchmarks.latency
+    import vllm.benchmarks.throughput
+
+    from vllm_sink.patches import bench_commands
+
+    monkeypatch.setattr(bench_commands, "_patched", set())
+    monkeypatch.setattr(vllm, "__version__", "0.33.0")
+    before = vllm.benchmarks.throughput.run_vllm
+    bench_commands.apply()
+    assert vllm.benchmarks.throughput.run_vllm is before
 
 
 @pytest.mark.parametrize("name", GUARDED)

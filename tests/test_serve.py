@@ -679,6 +679,22 @@ def test_many_parallel_requests(server):
         assert list(pool.map(one, range(32))) == [6] * 32
 
 
+def test_vllm_bench_serve_past_max_model_len(server, cli_env, model_dir, tmp_path):
+    """``vllm bench serve`` against the sink server, outputs of twice ``max_model_len``: every
+    request succeeds with its tokens (issue 28)."""
+    cmd = [VLLM, "bench", "serve", "--backend", "vllm", "--base-url", server,
+           "--model", SERVED, "--tokenizer", str(model_dir), "--dataset-name", "random",
+           "--random-input-len", "64", "--random-output-len", str(2 * MAX_MODEL_LEN),
+           "--num-prompts", "4", "--max-concurrency", "4", "--ignore-eos", "--temperature", "0",
+           "--save-result", "--result-dir", str(tmp_path),
+           "--result-filename", "serve.json"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=cli_env, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    result = json.loads((tmp_path / "serve.json").read_text())
+    assert result["completed"] == 4 and result["failed"] == 0
+    assert result["total_output_tokens"] == 4 * 2 * MAX_MODEL_LEN
+
+
 CHAT_TURNS, CHAT_ANSWER = 50, 24
 
 

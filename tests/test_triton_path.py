@@ -19,7 +19,7 @@ import json
 import pytest
 import torch
 
-from engine_utils import run_script
+from engine_utils import ROPE_VARIANTS, run_script
 
 TOL = 1e-4  # float32, nats a token
 
@@ -120,23 +120,14 @@ result.update(backends=info["attention_backends"], moves=info["sink_moves"],
 print("RESULT " + json.dumps(result), flush=True)
 """
 
-PARTIAL_ROTARY = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
-LLAMA3 = {
-    "rope_type": "llama3",
-    "rope_theta": 500000.0,
-    "factor": 8.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 32,
-}
 CASES = {
     # Sinks of 20 tokens span two 16-token pages; positions capped at 128.
     "16-token pages, partial rotary": dict(
-        sink=20, window=40, block_size=16, max_len=128, rope=PARTIAL_ROTARY,
+        sink=20, window=40, block_size=16, max_len=128, rope=ROPE_VARIANTS["partial rotary"],
         prompt=400, turn=150, answer=24, batch=[90, 170, 260],
     ),
     "64-token pages, llama3": dict(
-        sink=4, window=100, block_size=64, max_len=256, rope=LLAMA3,
+        sink=4, window=100, block_size=64, max_len=256, rope=ROPE_VARIANTS["llama3"],
         prompt=500, turn=300, answer=12,
     ),
 }  # fmt: skip
