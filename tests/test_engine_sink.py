@@ -226,7 +226,7 @@ def test_long_text_prompt_is_not_truncated(llm, model_dir):
 def test_unsupported_configs_fail_at_startup(model_dir):
     from vllm_sink.enable import UnsupportedConfigError
 
-    with pytest.raises(UnsupportedConfigError, match="fp8 KV cache"):
+    with pytest.raises(UnsupportedConfigError, match=r"quantized KV cache \(kv_cache_dtype=fp8"):
         _llm(model_dir, max_model_len=1024, kv_cache_dtype="fp8")
     with pytest.raises(UnsupportedConfigError, match="speculative decoding"):
         _llm(
