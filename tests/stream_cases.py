@@ -7,7 +7,9 @@ Used by ``test_triton_path.py`` (the Triton kernels interpreted) and
 ``test_tensor_parallel.py`` (two ranks). A case is a dict: ``sink``, ``window``, ``block_size``,
 ``max_len``, ``rope`` (the checkpoint's RoPE parameters), ``prompt``, ``turn``, ``answer``
 (lengths), ``batch`` (prompt lengths; also runs the preemption), and optionally ``model``
-(``make_tiny_llama`` arguments), ``engine`` (extra ``LLM`` arguments) and ``eager``.
+(``make_tiny_llama`` arguments), ``engine`` (extra ``LLM`` arguments), ``eager`` and ``budget``
+(``max_num_batched_tokens``: the batch's prompts must each get their full chunk, ``cap``, per
+step, as the reference runs them).
 """
 
 from __future__ import annotations
@@ -36,8 +38,8 @@ SINK, WINDOW, BS, MAX_LEN = case["sink"], case["window"], case["block_size"], ca
 model = make_tiny_llama(Path(os.environ["TMP"]) / "tiny", max_position_embeddings=MAX_LEN,
                         rope_parameters=case["rope"], **case.get("model", {}))
 engine = sink_llm(model, SINK, WINDOW, MAX_LEN, dtype="float32", block_size=BS,
-                  max_num_batched_tokens=256, enforce_eager=case.get("eager", True),
-                  **case.get("engine", {}))
+                  max_num_batched_tokens=case.get("budget", 256),
+                  enforce_eager=case.get("eager", True), **case.get("engine", {}))
 cap = engine.llm_engine.vllm_config.scheduler_config.long_prefill_token_threshold
 core = engine.llm_engine.engine_core.engine_core
 start_free = free_blocks(engine)

@@ -35,7 +35,9 @@ def _bench(command: str, model_dir, args: list[str], sink: bool) -> subprocess.C
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
 
 
-THROUGHPUT = ["--dataset-name", "random", "--input-len", "64", "--output-len", "600",
+# The random dataset's own length flags: vLLM 0.32 prefers them (with their defaults, 1024 and
+# 128) over --input-len / --output-len, with a warning.
+THROUGHPUT = ["--dataset-name", "random", "--random-input-len", "64", "--random-output-len", "600",
               "--num-prompts", "4"]  # fmt: skip
 
 

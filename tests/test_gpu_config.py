@@ -167,15 +167,19 @@ def test_gpu_deploy_files_use_the_opt_in():
         assert f"{GPU_OPT_IN}" in (deploy / name).read_text(), name
 
 
-def test_gpu_check_command_runs(model_dir):
-    """The command a GPU user runs first, run here on the CPU path at its quick size: parity
-    against the reference passes and both decode rates are measured."""
+def test_gpu_check_command_runs(model_dir, tmp_path):
+    """The command a GPU user runs first, run here on the CPU path at its quick size (on a tiny
+    random Llama, to keep it short): parity against the reference passes and both decode rates
+    are measured."""
     import json
     import subprocess
     import sys
 
+    from vllm_sink.assets import make_tiny_llama
+
+    model = make_tiny_llama(tmp_path / "tiny")
     proc = subprocess.run(
-        [sys.executable, "-m", "vllm_sink.gpu_check", "--quick"],
+        [sys.executable, "-m", "vllm_sink.gpu_check", "--quick", "--model", str(model)],
         capture_output=True,
         text=True,
         timeout=900,

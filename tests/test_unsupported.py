@@ -86,7 +86,6 @@ CASES = {
     ),
     "prompt embeds": ({"enable_prompt_embeds": True}, "enable_prompt_embeds"),
     "LoRA": ({"enable_lora": True}, "enable_lora"),
-    "tensor parallel": ({"tensor_parallel_size": 2}, "tensor_parallel_size=2"),
     "pipeline parallel": ({"pipeline_parallel_size": 2}, "pipeline_parallel_size=2"),
     "data parallel": ({"data_parallel_size": 2}, "data_parallel_size=2"),
     "KV connector": (

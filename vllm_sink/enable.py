@@ -38,9 +38,11 @@ def _refused_args(engine_args: Any) -> list[str]:
     """Engine arguments the plugin does not support, each named as the user spells it."""
     a = engine_args
     refused = []
-    for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
+    # Tensor parallel works: every rank gets the same scheduler output, compacts the same rows
+    # and moves the sinks of its own KV heads.
+    for name in ("pipeline_parallel_size", "data_parallel_size"):
         if (getattr(a, name, 1) or 1) > 1:
-            refused.append(f"{name}={getattr(a, name)} (the worker compacts one rank's cache)")
+            refused.append(f"{name}={getattr(a, name)} (untested with eviction)")
     for name in ("decode_context_parallel_size", "prefill_context_parallel_size"):
         if (getattr(a, name, 1) or 1) > 1:
             refused.append(f"{name}={getattr(a, name)}")

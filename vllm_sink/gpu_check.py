@@ -88,6 +88,11 @@ def decode_rate(model: str, sink: dict | None, args: argparse.Namespace) -> floa
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (CPU, interpreter)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="a Llama-family checkpoint directory (default: the embedded SmolLM2-135M-Instruct)",
+    )
     parser.add_argument("--sink", type=int, default=4)
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--block-size", type=int, default=32)
@@ -105,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from vllm_sink.assets import default_model_dir, long_text, prepare_model
 
-    prepare_model()
-    model = str(default_model_dir())
+    prepare_model()  # the embedded model: the default, and its tokenizer for the corpus
+    model = args.model or str(default_model_dir())
     tokens = AutoTokenizer.from_pretrained(model)(long_text(4 * args.prompt + 4000))["input_ids"]
     result = {"parity": parity(model, tokens[: args.prompt], args)}
     sink = {"sink_tokens": args.sink, "window_tokens": args.window}
