@@ -25,7 +25,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from vllm_sink.compat import UnsupportedVllmError, check_vllm_version
+from vllm_sink.compat import UnsupportedVllmError, check_vllm_version, recompiled
 
 # module -> (function, the expression that reads the length limit, its replacement)
 TARGETS = {
@@ -69,8 +69,6 @@ def apply() -> None:
 
         init_logger("vllm.vllm_sink").warning("%s; bench commands keep their length checks", err)
         return
-    from vllm_sink.patches.chat_serving import recompiled
-
     for name in present:
         module = sys.modules[name]
         for function, expression, replacement in TARGETS[name]:

@@ -15,11 +15,9 @@ bounded here (README, "Host memory per stream").
 
 from __future__ import annotations
 
-import inspect
-import textwrap
 from typing import Any
 
-from vllm_sink.compat import check_vllm_version
+from vllm_sink.compat import check_vllm_version, recompiled
 
 _applied = False
 STATEMENT = "previous_texts[i] += delta_text"
@@ -33,29 +31,6 @@ def stream_text(serving: Any, previous: str, delta: str) -> str:
     if getattr(serving, "enable_log_outputs", False) or not serves_sink_engine(serving):
         return previous + delta
     return previous
-
-
-def recompiled(function: Any, statement: str, replacement: str, extra_globals: dict) -> Any:
-    """``function`` compiled from its own source with ``statement`` (exactly once) replaced;
-    line numbers, globals and defaults are the original's."""
-    lines, first_line = inspect.getsourcelines(function)
-    source = textwrap.dedent("".join(lines))
-    if source.count(statement) != 1:
-        raise RuntimeError(
-            f"vllm_sink: cannot patch {function.__qualname__}: expected `{statement}` exactly "
-            "once in this vLLM's source"
-        )
-    source = "\n" * (first_line - 1) + source.replace(statement, replacement)
-    module_globals = function.__globals__
-    module_globals.update(extra_globals)
-    namespace: dict[str, Any] = {}
-    exec(compile(source, inspect.getsourcefile(function), "exec"), module_globals, namespace)
-    new = namespace[function.__name__]
-    new.__qualname__ = function.__qualname__
-    new.__defaults__ = function.__defaults__
-    new.__kwdefaults__ = function.__kwdefaults__
-    new.__wrapped__ = function
-    return new
 
 
 def apply() -> None:
