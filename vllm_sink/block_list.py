@@ -97,6 +97,9 @@ class BlockList:
         self.tail.extend(blocks)
         self._fold()
 
+    def copy(self) -> BlockList:
+        return BlockList([*self.head, *self.tail], len(self.head), self.null_block, self.nulls)
+
     @property
     def num_stored(self) -> int:
         """Entries held in memory."""

@@ -47,3 +47,10 @@ def evicted_pages(n: int, sink_tokens: int, window_tokens: int, block_size: int)
     """Logical page indices freed for good before a step at ``n``."""
     sb = sink_pages(sink_tokens, block_size)
     return range(sb, first_window_token(n, sink_tokens, window_tokens, block_size) // block_size)
+
+
+def first_eviction(sink_tokens: int, window_tokens: int, block_size: int) -> int:
+    """Smallest ``n`` with a page freed before a step at ``n``: every step that starts earlier
+    attends to the whole stream, so the pages it computes are those vanilla vLLM computes."""
+    sb = sink_pages(sink_tokens, block_size)
+    return window_tokens + (sb + 1) * block_size

@@ -3,8 +3,10 @@
 When a request finishes, its pages (sink pages and window) are released to the block pool the
 way vLLM's prefix cache keeps freed blocks: they count as free and are reused last, least
 recently freed first (``BlockPool.unpin_blocks``). Until one of them is handed out again, a new
-request whose tokens extend the finished stream's tokens takes them back and continues the
-stream from where it stopped (see the contract in README.md, "Conversations").
+request whose tokens extend the finished stream's tokens continues the stream from where it
+stopped (see the contract in README.md, "Conversations"): it holds the pages and copies them
+before its first step writes (copy on write, :mod:`vllm_sink.kv_cache`), so the stream stays
+parked and any number of requests may continue it.
 
 A stream is identified by its whole token history: the block hash of its last full computed
 page (vLLM's hashes chain over every earlier token, evicted middle included) plus the computed
@@ -29,13 +31,14 @@ class ParkedStream:
 
 
 class ParkedStreams:
-    """One owner at a time: a stream is parked once and taken (or reclaimed) once."""
+    """Streams by their history; one lives until one of its pages is handed out again."""
 
     def __init__(self, block_size: int) -> None:
         self.block_size = block_size
         # Last-full-page hash -> tokens after it -> stream.
         self._by_hash: dict[Any, dict[tuple[int, ...], ParkedStream]] = {}
-        self._by_block: dict[int, ParkedStream] = {}
+        # Page -> the streams holding it (streams that never evicted share their first pages).
+        self._by_block: dict[int, list[ParkedStream]] = {}
         self._count = 0  # parked streams (read every step by the metrics)
         # Counters (exported as vllm_sink:* metrics).
         self.parked = 0
@@ -67,7 +70,7 @@ class ParkedStreams:
         self._count += 1
         real = [b for b in stream.blocks if not b.is_null]
         for block in real:
-            self._by_block[block.block_id] = stream
+            self._by_block.setdefault(block.block_id, []).append(stream)
         self.parked += 1
         return real
 
@@ -81,18 +84,25 @@ class ParkedStreams:
                     return stream
         return None
 
-    def take(self, stream: ParkedStream) -> None:
-        """A new request owns the stream's pages now."""
-        self._forget(stream)
+    def fork(self, stream: ParkedStream) -> None:
+        """A new request continues the stream on copies of its pages: the stream stays parked
+        for any other request that continues it."""
         self.resumed += 1
         self.resumed_tokens += stream.num_computed
 
+    def owns(self, block: Any) -> bool:
+        return block.block_id in self._by_block
+
+    def forget_owner(self, block: Any) -> int:
+        """A page changes hands or content: the streams holding it cannot be continued."""
+        streams = list(self._by_block.get(block.block_id, []))
+        for stream in streams:
+            self._forget(stream)
+        return len(streams)
+
     def on_reuse(self, block: Any) -> None:
         """The pool handed one of a parked stream's pages to someone else: the stream is gone."""
-        stream = self._by_block.get(block.block_id)
-        if stream is not None:
-            self._forget(stream)
-            self.reclaimed += 1
+        self.reclaimed += self.forget_owner(block)
 
     def _forget(self, stream: ParkedStream) -> None:
         block_hash, tail = stream.key
@@ -103,5 +113,8 @@ class ParkedStreams:
             if not tails:
                 del self._by_hash[block_hash]
         for block in stream.blocks:
-            if not block.is_null and self._by_block.get(block.block_id) is stream:
-                del self._by_block[block.block_id]
+            owners = [] if block.is_null else self._by_block.get(block.block_id, [])
+            if any(s is stream for s in owners):
+                owners[:] = [s for s in owners if s is not stream]
+                if not owners:
+                    del self._by_block[block.block_id]

@@ -7,10 +7,11 @@ sink eviction a request never holds more than its bounded page count, so the sch
 length limit is lifted. Workers keep their ``max_model_len``-sized buffers: they see each request
 compacted to ``[sink pages | window pages]`` (``vllm_sink.patches.model_runner``).
 
-With vLLM's prefix caching on, a request that finishes normally parks its pages
-(:meth:`SinkWindowManager.park`), and a new request whose tokens extend a parked stream takes
-them over and waits with the stream's computed tokens, exactly like a streaming-input session's
-next chunk: only its new tokens are scheduled.
+With vLLM's prefix caching on, requests share the pages of a common opening as vanilla vLLM
+does (copied when a stream first evicts, :class:`SinkWindowManager`), a request that finishes
+normally parks its pages (:meth:`SinkWindowManager.park`), and a new request whose tokens extend
+a parked stream continues it on its pages and waits with the stream's computed tokens, exactly
+like a streaming-input session's next chunk: only its new tokens are scheduled.
 
 A preempted request is swapped, not recomputed: the scheduler remembers where its stream stood
 (computed tokens, which of its pages the contract keeps) and the worker keeps a copy of those
@@ -209,10 +210,18 @@ class SinkScheduler(Scheduler):
     def schedule(self, *args: Any, **kwargs: Any) -> Any:
         held_back = self._swap_in()
         try:
-            return self._schedule(*args, **kwargs)
+            output = self._schedule(*args, **kwargs)
         finally:
             for request in reversed(held_back):
                 self.waiting.prepend_request(request)
+        # Which requests' shared pages became private copies this step (vLLM queued the copies
+        # in ``kv_cache_block_copies``): the worker updates their rows and sink state.
+        output.sink_page_swaps = self.sink_manager().take_page_swaps()
+        return output
+
+    def _free_cow_retained_blocks(self, blocks: list, fence_seq: int) -> None:
+        super()._free_cow_retained_blocks(blocks, fence_seq)
+        self.sink_manager().requeue_parked(blocks)
 
     def _schedule(self, *args: Any, **kwargs: Any) -> Any:
         running, waiting = self.get_request_counts()

@@ -45,6 +45,14 @@ class SinkRotator:
             k[job.dst : job.dst + job.count] = key[job.src : job.src + job.count]
             v[job.dst : job.dst + job.count] = value[job.src : job.src + job.count]
 
+    def load(self, key: int, keys: torch.Tensor, values: torch.Tensor, sink_len: int) -> None:
+        """Take the pristine copy from the first ``len(keys)`` sink tokens read from the cache
+        (pages whose sinks never moved); the step's captures add the rest."""
+        shape = (sink_len, *keys.shape[1:])
+        k, v = keys.new_zeros(shape), values.new_zeros(shape)
+        k[: len(keys)], v[: len(values)] = keys, values
+        self.pristine[key] = (k, v)
+
     def moved(self, job: SinkMove) -> tuple[torch.Tensor, torch.Tensor]:
         """The sink keys rotated to ``job.offset`` and their values, for ``job.slots``."""
         k, v = self.pristine[job.key]

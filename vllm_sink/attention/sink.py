@@ -80,6 +80,13 @@ class SinkCapture:
 
 
 @dataclass(frozen=True)
+class SinkLoad:
+    key: int
+    slots: torch.Tensor  # cache slots of the sink tokens computed before this step (unmoved)
+    sink_len: int
+
+
+@dataclass(frozen=True)
 class SinkMove:
     key: int
     slots: torch.Tensor  # cache slots of the sink tokens, long [sink_len]
@@ -97,12 +104,13 @@ class SinkStep:
     """The sink work of one step, for every layer: made by the worker on the host, its slot
     tensors moved to the device once (:meth:`to`), read by each layer's impl."""
 
+    loads: list[SinkLoad] = field(default_factory=list)
     captures: list[SinkCapture] = field(default_factory=list)
     moves: list[SinkMove] = field(default_factory=list)
     rebases: list[WindowRebase] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.captures or self.moves or self.rebases)
+        return bool(self.loads or self.captures or self.moves or self.rebases)
 
     def to(self, device: torch.device) -> SinkStep:
         """The same step with its slots on ``device`` (copied without waiting)."""
@@ -111,6 +119,7 @@ class SinkStep:
             return t.to(device, non_blocking=True)
 
         return SinkStep(
+            [SinkLoad(x.key, move(x.slots), x.sink_len) for x in self.loads],
             self.captures,
             [SinkMove(m.key, move(m.slots), m.offset) for m in self.moves],
             [WindowRebase(move(r.slots), r.shift) for r in self.rebases],
@@ -164,6 +173,10 @@ class SinkAttentionImpl:
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kw):
         step = getattr(attn_metadata, "sink_step", None)
         if step is not None:
+            for load in step.loads:
+                self.rotator.load(
+                    load.key, *self.read_kv(layer, kv_cache, load.slots), load.sink_len
+                )
             if step.captures:
                 self.rotator.capture(step.captures, key, value)
             for move in step.moves:
@@ -207,6 +220,15 @@ def free_sink_state(impls: list, keys: list[int]) -> None:
         if impl.rotator is not None:
             for key in keys:
                 impl.rotator.pristine.pop(key, None)
+
+
+def copy_sink_state(impls: list, copies: list[tuple[int, int]]) -> None:
+    """Give streams whose sink pages were copied from shared ones their own pristine copies."""
+    for src, dst in copies:
+        for impl in impls:
+            if impl.rotator is not None and src in impl.rotator.pristine:
+                k, v = impl.rotator.pristine[src]
+                impl.rotator.pristine[dst] = (k.clone(), v.clone())
 
 
 def rename_sink_state(impls: list, renames: list[tuple[int, int]]) -> None:

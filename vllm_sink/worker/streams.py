@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from vllm_sink import geometry
-from vllm_sink.attention.sink import SinkCapture, SinkMove, SinkStep, WindowRebase
+from vllm_sink.attention.sink import SinkCapture, SinkLoad, SinkMove, SinkStep, WindowRebase
 
 NULL_BLOCK = 0  # vLLM's block pool keeps block 0 as the null block (freed entries point to it)
 
@@ -96,6 +96,8 @@ class StreamTracker:
         # never a page id, so a new owner of the old first page cannot overwrite it).
         self.swapped: dict[str, SwappedOut] = {}
         self.renamed: list[tuple[int, int]] = []  # (old key, new key), applied after releases
+        # (key, key of its private copy): a stream's sink pages copied from shared ones.
+        self.copied: list[tuple[int, int]] = []
         self._next_stash = -2
         # First sink page -> offset the stream's sinks were last rotated to.
         self.sink_offsets: dict[int, int] = {}
@@ -104,18 +106,25 @@ class StreamTracker:
         self.num_rebases = 0
 
     def settle_sink_state(self, impls: list) -> None:
-        """Apply the step's releases, then renames, to the sink state here and in each layer
-        (free first: a renamed stream may take over a key freed in this step)."""
-        from vllm_sink.attention.sink import free_sink_state, rename_sink_state
+        """Apply the step's copies, releases, then renames, to the sink state here and in each
+        layer (copy before freeing the source; free before renaming: a renamed stream may take
+        over a key freed in this step). A key a live stream still uses is never freed."""
+        from vllm_sink.attention.sink import copy_sink_state, free_sink_state, rename_sink_state
 
-        for key in self.released:
+        copies = [(src, dst) for src, dst in self.copied if src in self.sink_offsets]
+        for src, dst in copies:
+            self.sink_offsets[dst] = self.sink_offsets[src]
+        copy_sink_state(impls, copies)
+        live = {state.sink_key for state in self.streams.values()}
+        released = [key for key in self.released if key not in live]
+        for key in released:
             self.sink_offsets.pop(key, None)
-        free_sink_state(impls, self.released)
+        free_sink_state(impls, released)
         for old, new in self.renamed:
             if old in self.sink_offsets:
                 self.sink_offsets[new] = self.sink_offsets.pop(old)
         rename_sink_state(impls, self.renamed)
-        self.released, self.renamed = [], []
+        self.copied, self.released, self.renamed = [], [], []
 
     def release(self, state: StreamState | None) -> None:
         if state is not None and state.sink_key != -1 and self.sink_len:
@@ -264,6 +273,49 @@ def drop_evicted(
         runner.input_batch.remove_request(req_id)
 
 
+def continued_state(tracker: StreamTracker, new, swaps) -> StreamState:
+    """The state of a new request that starts on computed pages: a parked stream's (scheduler:
+    ``SinkWindowManager.resume``) or the prefix cache's (a stream that has evicted nothing).
+
+    Its first live page is one of the stream's, or a copy of it (``swaps``: the stream stays
+    parked for others; its sink state is copied too); pages for new tokens come after it.
+    """
+    page = next(b for b in new.block_ids[0] if b != NULL_BLOCK)
+    origin = {dst: src for src, dst in swaps}.get(page, page)
+    first = tracker.parked_blocks.get(origin, -1)
+    # Continued in place (not copied): the stream ends here, its state goes to this request.
+    parked = tracker.parked.get(first) if origin != page else tracker.unpark(first)
+    if parked is None:
+        if tracker.evicted(new.num_computed_tokens):
+            raise RuntimeError(
+                f"vllm_sink: request {new.req_id} continues a stream whose worker state "
+                f"is gone (page {page})"
+            )
+        # Prefix-cache pages: what a fresh stream holds at this length.
+        parked = ParkedState(0, 0, frozenset())
+    if origin != page:
+        tracker.copied.append((origin, page))
+    return StreamState(prompt=[], dropped=parked.dropped, offset=parked.offset, sink_key=page)
+
+
+def apply_page_swaps(tracker: StreamTracker, runner, swaps: dict) -> None:
+    """Running requests whose shared pages the scheduler swapped for private copies (copied by
+    vLLM before this step's forward): their rows and sink state follow the copies."""
+    for req_id, pairs in swaps.items():
+        state = tracker.streams.get(req_id)
+        req_state = runner.requests.get(req_id)
+        if state is None or req_state is None:
+            continue  # a new request (its rows already name the copies) or one that left
+        copy_of = dict(pairs)
+        row = req_state.block_ids[0]
+        row[:] = [copy_of.get(b, b) for b in row]
+        if state.sink_key in copy_of:
+            tracker.copied.append((state.sink_key, copy_of[state.sink_key]))
+            state.sink_key = copy_of[state.sink_key]
+        if runner.input_batch.req_id_to_index.get(req_id) is not None:
+            runner.input_batch.remove_request(req_id)  # re-added by vLLM from the new rows
+
+
 def before_update(tracker: StreamTracker, runner, scheduler_output) -> None:
     for req_id in scheduler_output.preempted_req_ids or ():
         # The scheduler frees its pages this step and gives fresh ones back when it resumes.
@@ -278,6 +330,8 @@ def before_update(tracker: StreamTracker, runner, scheduler_output) -> None:
         req_state = runner.requests.get(req_id)
         if state is None or req_state is None or not tracker.park(req_state, state):
             tracker.release(state)
+    swaps = getattr(scheduler_output, "sink_page_swaps", None) or {}
+    apply_page_swaps(tracker, runner, swaps)
     cached = scheduler_output.scheduled_cached_reqs
     fresh_blocks = []
     for new in scheduler_output.scheduled_new_reqs:
@@ -286,18 +340,7 @@ def before_update(tracker: StreamTracker, runner, scheduler_output) -> None:
         if new.num_computed_tokens == 0:
             state = StreamState(prompt=list(new.prompt_token_ids or []))
         elif state is None:
-            # Took over a finished stream's parked pages (scheduler: SinkWindowManager.resume).
-            # Its first live page is one of the stream's (new pages come after it).
-            page = next(b for b in new.block_ids[0] if b != NULL_BLOCK)
-            parked = tracker.unpark(tracker.parked_blocks.get(page, -1))
-            if parked is None:
-                raise RuntimeError(
-                    f"vllm_sink: request {new.req_id} continues a stream whose worker state "
-                    f"is gone (page {page})"
-                )
-            state = StreamState(
-                prompt=[], dropped=parked.dropped, offset=parked.offset, sink_key=page
-            )
+            state = continued_state(tracker, new, swaps.get(new.req_id, ()))
         tracker.streams[new.req_id] = state
         state.prefilled = 0
         state.continued = False
@@ -379,6 +422,12 @@ def plan_step(
             state.prefilled += min(q, len(state.prompt) - logical)
         if sink_len:
             key = int(table[row, 0])
+            if n and key not in tracker.sink_offsets:
+                # Starts on computed pages whose sinks have never moved (prefix-cache pages,
+                # or a copy of them): their sink tokens are the pristine copy.
+                cached = min(n, sink_len)
+                step.loads.append(SinkLoad(key, _slots(table[row], 0, cached, bs), sink_len))
+                tracker.sink_offsets[key] = 0
             if n < sink_len:
                 count = min(q, sink_len - n)
                 step.captures.append(SinkCapture(key, start, n, count, sink_len))
