@@ -367,6 +367,38 @@ class Worker:
             "pages_used_after": self.pages_used(),
         }
 
+    def op_batch(self, prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
+        """Submit ``prompts`` at once and step them to the end: each request's time to first
+        token (from the submission of all), its ``num_cached_tokens``, and the most pages the
+        pool had handed out at the end of any step (parked and cached pages count as free)."""
+        from vllm.inputs import TokensPrompt
+
+        tag = f"b{next(self._seq)}"
+        rids = [f"{tag}-{i}" for i in range(len(prompts))]
+        t0 = time.perf_counter()
+        for rid, ids in zip(rids, prompts, strict=True):
+            prompt = TokensPrompt(prompt_token_ids=list(ids))
+            self.engine.add_request(rid, prompt, self.params(max_tokens))
+        ttft: dict[str, float] = {}
+        cached: dict[str, int] = {}
+        peak = 0
+        while self.engine.has_unfinished_requests():
+            outs = self.engine.step()
+            now = time.perf_counter() - t0
+            peak = max(peak, self.pages_used())
+            for out in outs:
+                if out.request_id not in ttft and out.outputs[0].token_ids:
+                    ttft[out.request_id] = now
+                if out.num_cached_tokens is not None:
+                    cached[out.request_id] = out.num_cached_tokens
+        return {
+            "ttft_s": [ttft.get(r) for r in rids],
+            "num_cached_tokens": [cached.get(r) for r in rids],
+            "total_s": time.perf_counter() - t0,
+            "peak_pages_used": peak,
+            "pages_used_after": self.pages_used(),
+        }
+
     def op_recompute(self, window: int, tokens: int, start: int = 5000) -> dict[str, Any]:
         """Sliding window with re-computation: each token is a fresh ``window``-token prefill."""
         times = []

@@ -39,6 +39,7 @@ SUITE = [
     "host_memory",
     "peer_llamacpp",
     "conversation",
+    "shared_opening",
     "long_ppl",
 ]
 # Run by --full only when named in --only: at full size (a million tokens through each of two

@@ -212,6 +212,41 @@ def serving(d: dict[str, Any]) -> str:
     )
 
 
+def shared_opening(d: dict[str, Any]) -> str:
+    s, a = d["summary"], d["settings"]
+    rows = []
+    for phase, label in (("one_at_a_time", "one at a time"), ("all_at_once", "all at once")):
+        ttft = s[f"{phase}_ttft_ms"]
+        cached = s[f"{phase}_min_cached_tokens"]
+        rows.append(
+            [
+                label,
+                fmt_spread(ttft["vanilla"], 0),
+                fmt_spread(ttft["plugin"], 0),
+                f"**{s[f'{phase}_ttft_ratio']:.2f}**",
+                f"{cached['vanilla']} / {cached['plugin']}",
+            ]
+        )
+    peak = s["peak_pages_all_at_once"]
+    return (
+        f"{a['requests']} new requests per phase, each a {a['opening']}-token shared opening "
+        f"plus its own {a['question']}-token question, {a['answer']} tokens out; {a['dtype']}, "
+        f"prefix caching on in both; plugin: sinks {a['sinks']} + window {a['window']}. Peak "
+        f"pages handed out with all at once: vanilla {peak['vanilla']}, plugin {peak['plugin']}."
+        "\n\n"
+        + _table(
+            [
+                "phase",
+                "vanilla TTFT ms",
+                "plugin TTFT ms",
+                "plugin / vanilla (median)",
+                "fewest cached tokens (vanilla / plugin)",
+            ],
+            rows,
+        )
+    )
+
+
 CONVERSATION_TURNS = (1, 5, 10, 25, 50)
 _CONV = ("plugin_resuming", "plugin_reprefill", "vanilla")
 
@@ -447,6 +482,7 @@ SECTIONS: dict[str, Callable[[dict[str, Any]], str]] = {
     "capacity": capacity,
     "serving": serving,
     "conversation": conversation,
+    "shared_opening": shared_opening,
     "long_ppl": long_ppl,
     "long_ppl_float32": long_ppl,
     "long_ppl_compare": long_ppl_compare,

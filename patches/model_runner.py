@@ -126,7 +126,7 @@ def apply() -> None:
         if tracker is None:
             return original_update(self, scheduler_output)
         before_update(tracker, self, scheduler_output)
-        if tracker.released or tracker.renamed:
+        if tracker.copied or tracker.released or tracker.renamed:
             tracker.settle_sink_state(sink_impls(self))
         return original_update(self, scheduler_output)
 

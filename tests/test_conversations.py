@@ -293,7 +293,8 @@ def test_resent_history_resumes_and_matches_reference(llm, reference, text_token
 
 def test_interleaved_conversations_and_one_owner(llm, model_dir, text_tokens):
     """Eight conversations sharing a system prompt, batched turn by turn, then two concurrent
-    requests extending one finished stream: each matches its own solo reference stream."""
+    requests extending one finished stream (both continue it, each on its own copy): each
+    matches its own solo reference stream."""
     cap = _cap(llm)
     system = text_tokens[70_000:70_040]  # the same first page for every conversation
     convs = [list(system) for _ in range(8)]
@@ -311,15 +312,15 @@ def test_interleaved_conversations_and_one_owner(llm, model_dir, text_tokens):
             _check_turn(refs[i], convs[i][computed[i] :], outputs, logprobs, cap, where)
             convs[i] += outputs
             computed[i] = len(convs[i]) - 1
-    # Two requests extend conversation 0's finished stream at once: one resumes, one re-prefills.
+    # Two requests extend conversation 0's finished stream at once: both continue it.
     resumed_before = manager.parked.resumed
     a = convs[0] + text_tokens[80_000:80_030]
     b = convs[0] + text_tokens[81_000:81_045]
     results = _generate(llm, [a, b], answer=20)
-    assert sorted(r[2] for r in results) == [0, computed[0]]
-    assert manager.parked.resumed == resumed_before + 1
+    assert [r[2] for r in results] == [computed[0]] * 2
+    assert manager.parked.resumed == resumed_before + 2
     for prompt, (outputs, logprobs, cached) in zip((a, b), results, strict=True):
-        ref = refs[0] if cached else _stream(model_dir)
+        ref = refs[0].fork()  # the stream as conversation 0 left it
         _check_turn(ref, prompt[cached:], outputs, logprobs, cap, f"extension, cached={cached}")
 
 

@@ -285,8 +285,9 @@ def test_seeded_request_with_a_chunked_prompt(llm, text_tokens):
 
 def test_beam_search_past_max_model_len(llm, text_tokens):
     """vLLM's beam search runs one request per beam and step; each extends its parent's
-    finished stream and resumes it (one owner; a sibling re-prefills). With one beam it is
-    greedy decoding, and equals it token for token; with two, it completes past the length."""
+    finished stream and continues it (siblings each on their own copy of its pages). With one
+    beam it is greedy decoding, and equals it token for token; with two, it completes past the
+    length."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
     from vllm.sampling_params import BeamSearchParams

@@ -256,7 +256,9 @@ class SinkWindowManager(FullAttentionManager):
             self._apply_cow(request_id, i, block, copy)
             self.page_swaps.setdefault(request_id, []).append((block.block_id, copy.block_id))
             self.pages_copied += 1
-        self._private.add(request_id)
+        if isinstance(self.req_to_blocks[request_id], BlockList):
+            # Past its first eviction a stream registers no page: it holds private pages only.
+            self._private.add(request_id)
 
     def take_page_swaps(self) -> dict[str, list[tuple[int, int]]]:
         """This step's (shared page, private copy) pairs per request, for the worker; the

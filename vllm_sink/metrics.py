@@ -28,6 +28,8 @@ REQUESTS = PREFIX + "num_requests_running"  # now
 RESUMED = PREFIX + "streams_resumed"  # cumulative: requests that continued a parked stream
 RESUMED_TOKENS = PREFIX + "tokens_resumed"  # cumulative: tokens those requests did not prefill
 RECLAIMED = PREFIX + "parked_streams_reclaimed"  # cumulative: parked streams whose pages went
+# cumulative: shared pages (prefix cache, parked streams) copied before a stream changed them
+PAGES_COPIED = PREFIX + "pages_copied"
 PARKED = PREFIX + "parked_streams"  # now
 PARKED_PAGES = PREFIX + "parked_pages"  # now (counted as free by the block pool)
 # now, the largest per-request container in the engine core (entries stored, not logical length)
@@ -39,7 +41,7 @@ CORE_BLOCK_LIST_MAX = PREFIX + "core_block_list_entries_max"
 # Per engine step: how many requests held pages (the batch the sink engine ran side by side).
 REQUESTS_PER_STEP = PREFIX + "requests_per_step"
 STEP_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-COUNTERS = (PAGES_FREED, TOKENS_EVICTED, RESUMED, RESUMED_TOKENS, RECLAIMED)
+COUNTERS = (PAGES_FREED, TOKENS_EVICTED, RESUMED, RESUMED_TOKENS, RECLAIMED, PAGES_COPIED)
 GAUGES = (
     PAGES_HELD,
     PAGES_HELD_MAX,
@@ -91,6 +93,7 @@ def scheduler_payload(scheduler: Any) -> dict[str, int]:
         RESUMED: sum(p.resumed for p in parked),
         RESUMED_TOKENS: sum(p.resumed_tokens for p in parked),
         RECLAIMED: sum(p.reclaimed for p in parked),
+        PAGES_COPIED: sum(m.pages_copied for m in managers),
         PARKED: sum(len(p) for p in parked),
         PARKED_PAGES: sum(p.num_pages() for p in parked),
     }
@@ -122,6 +125,7 @@ class SinkStatLogger(AggregateStatLoggerBase):
             RESUMED: "Requests that continued a finished stream on its parked pages.",
             RESUMED_TOKENS: "Tokens those requests did not prefill again.",
             RECLAIMED: "Parked streams whose pages the block pool handed out again.",
+            PAGES_COPIED: "Shared KV pages copied before a stream changed them (copy on write).",
             PAGES_HELD: "KV pages held by all running sink-evicting requests.",
             PAGES_HELD_MAX: "KV pages held by the largest running request (bounded).",
             REQUESTS: "Running requests holding KV pages.",

@@ -19,6 +19,7 @@ contract's words.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from collections.abc import Sequence
@@ -352,6 +353,13 @@ class StreamingReference:
         self._ws = self._sink_end
         cap = 256 if self.dense else self._sink_end + self.window_tokens + 2 * self.block_size
         self._k, self._v = self.model.new_cache(cap)
+
+    def fork(self) -> StreamingReference:
+        """An independent copy of the stream as it stands (the model is shared): what each of
+        several requests continuing one stream continues from."""
+        other = copy.copy(self)
+        other._k, other._v = self._k.clone(), self._v.clone()
+        return other
 
     def evicted_before(self, n: int) -> tuple[int, list[int]]:
         """``(ws, kept page ids)`` before a step at ``n`` (dense: ``ws`` is 0, all pages kept)."""
