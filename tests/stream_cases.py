@@ -1,12 +1,15 @@
 """One script that runs a sink engine through the cases every kernel path and parallel layout
 must pass against the reference, in its own interpreter: prompt log-probabilities past
 ``max_model_len`` and past position rebases, generated tokens, a resumed conversation turn, a
-batch of streams of different lengths and a preemption swap (float32, tiny random Llamas).
+batch of streams of different lengths, a preemption swap and requests sharing an opening
+(float32, tiny random Llamas).
 
 Used by ``test_triton_path.py`` (the Triton kernels interpreted) and
 ``test_tensor_parallel.py`` (two ranks). A case is a dict: ``sink``, ``window``, ``block_size``,
 ``max_len``, ``rope`` (the checkpoint's RoPE parameters), ``prompt``, ``turn``, ``answer``
-(lengths), ``batch`` (prompt lengths; also runs the preemption), and optionally ``model``
+(lengths), ``batch`` (prompt lengths; also runs the preemption), ``shared`` (an opening's
+length: three requests start from its prefix-cache pages and run past eviction), and optionally
+``model``
 (``make_tiny_llama`` arguments), ``engine`` (extra ``LLM`` arguments), ``eager`` and ``budget``
 (``max_num_batched_tokens``: the batch's prompts must each get their full chunk, ``cap``, per
 step, as the reference runs them).
@@ -111,6 +114,24 @@ if case.get("batch"):
     result["swapped_in"] = scheduler.num_swapped_in - swapped_before
     result["preemption"] = check(ref(), prompt, *final)
 
+if case.get("shared"):
+    # 5. Requests that start with one opening: prefix-cache pages, shared while they run and
+    # copied at each one's first eviction (they evict on different steps).
+    manager = core.scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+    opening = ids[5600:5600 + case["shared"]]
+    greedy([opening + ids[5590:5595]], 4)
+    copied = manager.pages_copied
+    prompts = [opening + ids[5700 + 50 * i : 5705 + 59 * i] for i in range(3)]
+    errors = []
+    for p, (o, lp, c) in zip(prompts, greedy(prompts, case["answer"] * 4)):
+        stream = ref()
+        if c:
+            stream.step(p[:c])
+        errors.append(check(stream, p[c:], o, lp))
+        result.setdefault("shared_cached", []).append(c)
+    result["shared"] = max(errors)
+    result["shared_copied"] = manager.pages_copied - copied
+
 engine.llm_engine.step()  # the worker hears of the finished requests
 infos = engine.collective_rpc("vllm_sink_worker_info")  # one per rank
 info = infos[0]
@@ -140,7 +161,7 @@ def run_case(case: dict, text_tokens, tmp_path, env: dict[str, str]) -> dict:
 
 
 def assert_parity(case: dict, result: dict) -> None:
-    for part in ("prompt", "generated", "resumed", "batch", "preemption"):
+    for part in ("prompt", "generated", "resumed", "batch", "preemption", "shared"):
         if part in result:
             assert result[part] <= TOL, f"{part}: max {result[part]:.2e} nats a token"
     # The resumed turn computed only its new tokens.
@@ -150,6 +171,11 @@ def assert_parity(case: dict, result: dict) -> None:
     assert result["moves"] > 0 and result["rebases"] > 0
     if case.get("batch"):
         assert result["preempted"] and result["swapped_in"] == 1
+    if case.get("shared"):
+        # Each started from the opening's full pages and copied what it shared at eviction.
+        full = case["shared"] // case["block_size"] * case["block_size"]
+        assert result["shared_cached"] == [full] * 3, result["shared_cached"]
+        assert result["shared_copied"] >= 3
     # Every page back to the pool (finished streams parked there, free and reused last).
     assert result["free_delta"] == 0
     # Every rank moved and rebased the same (each its own heads).

@@ -36,6 +36,7 @@ ENGINE_BENCHMARKS = [
     "recompute",
     "serving",
     "conversation",
+    "shared_opening",
     "long_ppl",
     "host_memory",
 ]
@@ -413,6 +414,35 @@ def test_conversation_numbers(quick_root):
         )
     assert s["last_turn"] == a["turns"]
     assert s["ttft_ratio_last_turn"] == pytest.approx(ratios[-1]["ttft_ratio"])
+
+
+def test_shared_opening_numbers(quick_root):
+    data = _results(quick_root, "shared_opening")
+    a, s, rows = data["settings"], data["summary"], data["rows"]
+    engines = _check_engines(data, a["sinks"], a["window"])
+    assert engines["plugin"]["prefix_caching"] and engines["vanilla"]["prefix_caching"]
+    _only_sink_differs(engines["plugin"], engines["vanilla"])
+    full = a["opening"] // PAGE * PAGE
+    for phase in ("one_at_a_time", "all_at_once"):
+        for name in ("plugin", "vanilla"):
+            mine = [r for r in rows if r["engine"] == name and r["phase"] == phase]
+            assert len(mine) == a["requests"], (phase, name)
+            # Every new request started from the opening's whole pages, in both engines.
+            assert all(r["num_cached_tokens"] >= full for r in mine), (phase, name, mine)
+            assert s[f"{phase}_min_cached_tokens"][name] == min(
+                r["num_cached_tokens"] for r in mine
+            )
+        med = {
+            n: statistics.median(
+                r["ttft_ms"] for r in rows if r["engine"] == n and r["phase"] == phase
+            )
+            for n in ("plugin", "vanilla")
+        }
+        assert s[f"{phase}_ttft_ratio"] == pytest.approx(med["plugin"] / med["vanilla"])
+    assert s["every_request_cached_the_opening"]
+    peak = s["peak_pages_all_at_once"]
+    assert peak == {n: data["batch"][n]["peak_pages_used"] for n in ("plugin", "vanilla")}
+    assert peak["plugin"] > 0 and peak["vanilla"] > 0
 
 
 def test_long_ppl_numbers(quick_root):

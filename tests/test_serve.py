@@ -695,6 +695,35 @@ def test_vllm_bench_serve_past_max_model_len(server, cli_env, model_dir, tmp_pat
     assert result["total_output_tokens"] == 4 * 2 * MAX_MODEL_LEN
 
 
+def test_shared_system_prompt_is_a_prefix_cache_hit(server, client):
+    """Two new conversations opening with one long system prompt: the second starts from the
+    first's pages, as on vanilla vLLM; usage and vLLM's prefix-cache counter say so."""
+    from vllm_sink.assets import long_text
+
+    system = " ".join(long_text(200_000).split()[9_000:9_150])  # ~200 tokens: 6 full pages
+    before = _metrics(server)
+    usages = []
+    for question in ("Why is the sea salty?", "How deep is the sea?"):
+        reply = client.chat.completions.create(
+            model=SERVED,
+            messages=[
+                {"role": "system", "content": system},
+                {"role": "user", "content": question},
+            ],
+            max_tokens=8,
+            temperature=0,
+        )
+        usages.append(reply.usage)
+    after = _metrics(server)
+    first, second = (u.prompt_tokens_details.cached_tokens or 0 for u in usages)
+    assert first == 0
+    # The full pages of what the two prompts share (the chat template's opening and the system
+    # prompt), at least five 32-token pages.
+    assert second >= 5 * 32 and second % 32 == 0, second
+    hits = "vllm:prefix_cache_hits_total"
+    assert after[hits] - before[hits] >= second
+
+
 CHAT_TURNS, CHAT_ANSWER = 50, 24
 
 

@@ -10,6 +10,7 @@ cached opening is one step: nothing is evicted before it).
 from __future__ import annotations
 
 import gc
+import math
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from engine_utils import free_blocks, kv_manager, sink_llm
 
 SINK, WINDOW, MAX_LEN, BS = 4, 128, 512, 32
 OPENING = 160  # five full pages
+BOUND = math.ceil(SINK / BS) + math.ceil(WINDOW / BS) + 1  # pages held between steps
 TOL = 1e-4  # float32: nats per token
 
 _models: dict = {}
@@ -50,6 +52,36 @@ def _generate(llm, prompts, answer):
 
     params = SamplingParams(max_tokens=answer, temperature=0, ignore_eos=True, logprobs=0)
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+    return [
+        (
+            list(o.outputs[0].token_ids),
+            [
+                s[t].logprob
+                for t, s in zip(o.outputs[0].token_ids, o.outputs[0].logprobs, strict=True)
+            ],
+            o.num_cached_tokens,
+        )
+        for o in outs
+    ]
+
+
+def _step_all(llm, prompts, answer, on_step):
+    """``prompts`` through the engine step by step; ``on_step(scheduler)`` after each step."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    engine = llm.llm_engine
+    scheduler = engine.engine_core.engine_core.scheduler
+    params = SamplingParams(max_tokens=answer, temperature=0, ignore_eos=True, logprobs=0)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"s{i}", TokensPrompt(prompt_token_ids=p), params)
+    final = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                final[out.request_id.split("-")[0]] = out  # internal ids get a suffix
+        on_step(scheduler)
+    outs = [final[f"s{i}"] for i in range(len(prompts))]
     return [
         (
             list(o.outputs[0].token_ids),
@@ -97,7 +129,25 @@ def test_concurrent_streams_share_an_opening_past_eviction_and_rebase(llm, model
 
     copied, (moves, rebases) = manager.pages_copied, _worker_counts(llm)
     prompts = [opening + text_tokens[6000 + 100 * i : 6010 + 109 * i] for i in range(8)]
-    results = _generate(llm, prompts, 400)  # 570-643 tokens: past eviction and max_model_len
+    seen = {}
+
+    def pages(scheduler):
+        """After the first step (every prompt's rest, in one step): the opening's pages are
+        held once for all eight. After each decode step: each request within the bound."""
+        if not seen:
+            rids = list(scheduler.requests)
+            seen["sum"] = sum(manager.num_pages_held(r) for r in rids)
+            seen["distinct"] = manager.num_distinct_pages_held(rids)
+            pool = manager.block_pool
+            seen["pool"] = pool.num_gpu_blocks - 1 - pool.get_num_free_blocks()
+            return
+        for rid in scheduler.requests:
+            seen["max"] = max(seen.get("max", 0), manager.num_pages_held(rid))
+
+    results = _step_all(llm, prompts, 400, pages)  # 570-643 tokens: past eviction, max_model_len
+    shared = OPENING // BS
+    assert seen["distinct"] == seen["pool"] == seen["sum"] - 7 * shared, seen
+    assert seen["max"] <= BOUND + 1, seen  # the bound, plus a decode step's page
     assert [r[2] for r in results] == [OPENING] * 8  # the opening's full pages, for each
     errors = [
         _error(model_dir, llm, p, r, f"request {i}")

@@ -21,7 +21,7 @@ from stream_cases import assert_parity, run_case
 
 CASE = dict(
     sink=4, window=64, block_size=32, max_len=256, rope=ROPE_VARIANTS["default"],
-    prompt=600, turn=150, answer=16, batch=[90, 170, 260], budget=512,
+    prompt=600, turn=150, answer=16, batch=[90, 170, 260], budget=512, shared=96,
     model={"num_heads": 4, "num_kv_heads": 2},
     engine={"tensor_parallel_size": 2},
 )  # fmt: skip

@@ -24,7 +24,7 @@ CASES = {
     # Sinks of 20 tokens span two 16-token pages; positions capped at 128.
     "16-token pages, partial rotary": dict(
         sink=20, window=40, block_size=16, max_len=128, rope=ROPE_VARIANTS["partial rotary"],
-        prompt=400, turn=150, answer=24, batch=[90, 170, 260],
+        prompt=400, turn=150, answer=24, batch=[90, 170, 260], shared=48,
     ),
     "64-token pages, llama3": dict(
         sink=4, window=100, block_size=64, max_len=256, rope=ROPE_VARIANTS["llama3"],

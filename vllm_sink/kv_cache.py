@@ -94,7 +94,7 @@ class SinkWindowManager(FullAttentionManager):
         # more than its bounded page count, so that is all it reserves. Without the cap a
         # prompt longer than the pool would wait forever.
         self.max_admission_blocks_per_request = kv_cache_spec.max_pages_per_request()
-        # Pages freed by eviction since start (exported as ``vllm_sink:pages_freed``).
+        # Pages evicted from requests since start (exported as ``vllm_sink:pages_freed``).
         self.pages_freed = 0
         # Per request: pages freed by eviction (null entries in its block list), so the pages
         # held are counted in O(1) however long the stream has run.
@@ -130,12 +130,18 @@ class SinkWindowManager(FullAttentionManager):
         blocks = self.req_to_blocks.get(request_id)
         if blocks is not None and not isinstance(blocks, BlockList) and freed:
             # The freed run is kept as a count from now on (bounded host memory per stream).
-            self.req_to_blocks[request_id] = BlockList(
+            blocks = self.req_to_blocks[request_id] = BlockList(
                 blocks, spec.num_sink_pages, self._null_block
             )
-        free_before = self.block_pool.get_num_free_blocks()
+        # Pages this step's eviction takes from the request (vLLM stops at the first null page
+        # too). A page the request shares stays with the others: count the list, not the pool.
+        newly_freed = 0
+        if blocks is not None:
+            for i in range(min(freed.stop, len(blocks)) - 1, freed.start - 1, -1):
+                if blocks[i].is_null:
+                    break
+                newly_freed += 1
         self._remove_blocks_in_range(request_id, freed.start, freed.stop)
-        newly_freed = self.block_pool.get_num_free_blocks() - free_before
         if newly_freed:
             self.pages_freed += newly_freed
             self._evicted[request_id] = self._evicted.get(request_id, 0) + newly_freed
@@ -342,6 +348,16 @@ class SinkWindowManager(FullAttentionManager):
         self.req_to_blocks[request_id] = blocks
         if num_evicted_pages:
             self._evicted[request_id] = num_evicted_pages
+
+    def num_distinct_pages_held(self, request_ids) -> int:
+        """Pages the requests hold between them, a page shared by several counted once."""
+        held = set()
+        for rid in request_ids:
+            blocks = self.req_to_blocks.get(rid)
+            if blocks:
+                stored = (*blocks.head, *blocks.tail) if isinstance(blocks, BlockList) else blocks
+                held.update(b.block_id for b in stored if not b.is_null)
+        return len(held)
 
     def num_pages_held(self, request_id: str) -> int:
         """Real (non-null) pages the request holds now."""

@@ -87,7 +87,8 @@ def scheduler_payload(scheduler: Any) -> dict[str, int]:
         PAGES_FREED: sum(m.pages_freed for m in managers),
         # Only whole pages are evicted; every layer group evicts the same tokens.
         TOKENS_EVICTED: managers[0].pages_freed * managers[0].block_size,
-        PAGES_HELD: sum(held),
+        # Pages shared by several requests (a common opening) count once, as in the pool.
+        PAGES_HELD: sum(m.num_distinct_pages_held(scheduler.requests) for m in managers),
         PAGES_HELD_MAX: max(held, default=0),
         REQUESTS: len(held),
         RESUMED: sum(p.resumed for p in parked),
@@ -120,7 +121,7 @@ class SinkStatLogger(AggregateStatLoggerBase):
         model = vllm_config.model_config.served_model_name
         self.labels = {idx: [model, str(idx)] for idx in engine_indexes}
         help_text = {
-            PAGES_FREED: "KV pages freed back to the block pool by sink eviction.",
+            PAGES_FREED: "KV pages sink eviction took from requests (shared ones stay shared).",
             TOKENS_EVICTED: "Tokens whose KV entries were evicted (freed pages x block size).",
             RESUMED: "Requests that continued a finished stream on its parked pages.",
             RESUMED_TOKENS: "Tokens those requests did not prefill again.",

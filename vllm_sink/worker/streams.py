@@ -11,16 +11,21 @@ and the worker translates at the boundary (the hooks are in
   to the persistent batch, which rebuilds its rows from that state; ``num_computed_tokens`` from
   the scheduler is shifted by the tokens dropped. Prompts longer than the row are kept as
   ``prompt[:sinks] + prompt[ws : ws + room]`` and refilled as the window slides. A new request
-  that continues a stream (a streaming-input session's next chunk, or a request that took over a
-  finished stream's parked pages, :mod:`vllm_sink.parked`) keeps that stream's dropped tokens,
-  position offset and sink rotation. A finished stream's state is parked under its first page
-  and dies when any of its pages is handed out again. A preempted stream's pages are copied out
-  (:meth:`StreamTracker.swap_out`) and back into fresh pages when it resumes.
+  that continues a stream (a streaming-input session's next chunk, or a request that continues a
+  finished stream's parked pages, :mod:`vllm_sink.parked`, on copies of them) keeps that
+  stream's dropped tokens, position offset and sink rotation; one that starts from prefix-cache
+  pages is a fresh stream at that length. A finished stream's state is parked under its first
+  page and dies when any of its pages is handed out again. Pages the scheduler swapped for
+  private copies (``SchedulerOutput.sink_page_swaps``; vLLM copies their K/V) replace the shared
+  ones in the request's rows, and their sink state is copied with them. A preempted stream's
+  pages are copied out (:meth:`StreamTracker.swap_out`) and back into fresh pages when it
+  resumes.
 - :func:`plan_step` (before vLLM prepares the step's inputs): each request's position offset
   (window keys keep the position they were written with; when positions would reach
   ``max_position_embeddings`` they are rebased once), and the step's sink work for the attention
-  backend (:class:`vllm_sink.attention.sink.SinkStep`): sink tokens to capture, sinks to move,
-  window keys to rotate back, all found from the worker's own block table on the host.
+  backend (:class:`vllm_sink.attention.sink.SinkStep`): sink tokens to load from pages whose
+  sinks never moved (a request starting on shared pages), to capture, sinks to move, window keys
+  to rotate back, all found from the worker's own block table on the host.
 """
 
 from __future__ import annotations
