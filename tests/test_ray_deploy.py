@@ -9,6 +9,11 @@ each declaring its own resources), deploys ``deploy/serve-cpu.yaml`` with ``serv
 replicas (one per node), streams completions and chat completions past ``max_model_len`` through
 Serve's HTTP proxy with the ``openai`` client, kills one replica mid-stream, and shuts everything
 down with ``serve shutdown`` and ``ray stop``, checking no process of the cluster survives.
+
+The conversation-affinity test, on the same kind of cluster and config, runs chat conversations
+that resend their history every turn: the prefix-aware router keeps each on the replica holding
+its stream, a replica killed between turns costs its conversations one re-prefill each, and the
+same conversations under Serve's default router are reported for comparison.
 """
 
 from __future__ import annotations
@@ -94,6 +99,7 @@ def test_llm_configs_parse(path: Path):
     """The ``args`` are valid ``LLMConfig``s whose engine kwargs vLLM and vllm_sink accept."""
     from ray.serve.llm import LLMConfig
     from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.entrypoints.launchers.cli_args import FrontendArgs
 
     from vllm_sink.settings import parse_settings
 
@@ -102,12 +108,41 @@ def test_llm_configs_parse(path: Path):
     for raw in configs:
         config = LLMConfig.model_validate(raw)
         assert config.model_loading_config.model_id == MODEL_ID
-        kwargs = dict(config.engine_kwargs)
+        # Ray splits engine_kwargs into vLLM's engine and frontend (OpenAI server) arguments, by
+        # the two dataclasses' fields; a key in neither is an error.
+        engine_config = config.get_engine_config()
+        kwargs = dict(engine_config.engine_kwargs)
         settings = parse_settings(kwargs["additional_config"]["vllm_sink"])
         assert settings.window_tokens + settings.sink_tokens < kwargs["max_model_len"]
         # Unknown keys are a TypeError here, not a replica crash on the cluster.
         AsyncEngineArgs(model="unused", **kwargs)
+        frontend = FrontendArgs(**engine_config.frontend_kwargs)
+        # usage.prompt_tokens_details.cached_tokens: what a resumed turn did not prefill.
+        assert frontend.enable_prompt_tokens_details
         assert raw["deployment_config"]["num_replicas"] >= 2
+
+
+@pytest.mark.parametrize("path", SERVE_CONFIGS, ids=lambda p: p.name)
+def test_prefix_aware_router(path: Path):
+    """The LLM deployment routes with Ray Serve LLM's prefix-aware router (conversation
+    affinity), with keyword arguments its ``initialize_state`` accepts."""
+    import inspect
+
+    from ray.serve._private.config import DeploymentConfig
+    from ray.serve.llm.request_router import PrefixCacheAffinityRouter
+
+    (raw,) = _llm_configs(_load(path))
+    # What Serve builds from LLMConfig.deployment_config (it imports the class here).
+    router = DeploymentConfig(**raw["deployment_config"]).request_router_config
+    assert router.get_request_router_class() is PrefixCacheAffinityRouter
+    # The router's state is set up in the ingress on its first request: a misspelt argument
+    # would fail every request there, not the deploy.
+    kwargs = router.request_router_kwargs
+    inspect.signature(PrefixCacheAffinityRouter.initialize_state).bind(None, **kwargs)
+    # A finite imbalance: Ray's default (infinite) keeps every conversation that opens with a
+    # common system prompt on one replica.
+    assert 0 < kwargs["imbalanced_threshold"] < float("inf")
+    assert kwargs["eviction_target_chars"] < kwargs["eviction_threshold_chars"]
 
 
 def test_cpu_and_gpu_configs_agree():
@@ -119,6 +154,8 @@ def test_cpu_and_gpu_configs_agree():
     assert cpu_llm["accelerator_config"]["kind"] == "cpu"
     assert gpu_llm["accelerator_config"]["kind"] == "gpu"
     assert cpu_llm["engine_kwargs"]["block_size"] == 32  # the CPU backend's page size
+    routers = [llm["deployment_config"]["request_router_config"] for llm in (cpu_llm, gpu_llm)]
+    assert routers[0]["request_router_class"] == routers[1]["request_router_class"]
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
@@ -351,7 +388,9 @@ class Cluster:
         return "\n".join(out)[-8000:]
 
     def serve_status(self) -> dict:
-        return yaml.safe_load(self.run("serve", "status", "-a", self.dashboard, timeout=120))
+        out = self.run("serve", "status", "-a", self.dashboard, timeout=120)
+        # The CLI may log a line (Ray's JSON log format) before the status document.
+        return yaml.safe_load("\n".join(ln for ln in out.splitlines() if not ln.startswith("{")))
 
     def llm_replicas(self) -> list[dict]:
         """Alive replicas of the LLM deployment: replica id, actor name, pid, node IP."""
@@ -564,8 +603,10 @@ class Stream:
 
 
 def _start_staggered(client, streams: list[Stream], timeout: float = 300) -> list[Stream]:
-    """Start each stream once the previous one streams, so Serve's router (which prefers the
-    replica with fewer requests in flight) puts them on different replicas."""
+    """Start each stream once the previous one streams, so the router puts them on different
+    replicas: the prefix-aware router of the shipped configs sends a prompt sharing no prefix
+    with earlier ones to the replica with the least text routed to it (Serve's default router,
+    to the replica with fewer requests in flight)."""
     for stream in streams:
         stream.start(client)
         assert stream.first_chunk.wait(timeout), f"no first chunk in {timeout} s"
@@ -583,6 +624,57 @@ def _took_requests(cluster: Cluster, replica: dict) -> bool:
     return TOOK_REQUEST.search(cluster.replica_log(replica)) is not None
 
 
+def _wait_for_nodes(cluster: Cluster) -> None:
+    """Both nodes registered (the second node's `ray start` returns before the head lists it)."""
+    deadline = time.monotonic() + 120
+    while True:
+        status = cluster.run("ray", "status", "--address", cluster.gcs, timeout=120)
+        active = status.split("Active:", 1)[1].split("Pending:", 1)[0]
+        if active.count("node_") == 2:
+            return
+        assert time.monotonic() < deadline, status
+        time.sleep(2)
+
+
+def _deploy(cluster: Cluster, config: dict, name: str, exclude: set[str] = frozenset()):
+    """``serve deploy`` a Serve config (written to ``name``); waits for its two LLM replicas
+    other than ``exclude``, one per node, each with the plugin, and returns them."""
+    path = cluster.tmp / name
+    path.write_text(yaml.safe_dump(config))
+    cluster.run("serve", "deploy", str(path), "-a", cluster.dashboard, timeout=180)
+    replicas = cluster.wait_running(2, timeout=1200, exclude=exclude)
+    assert {r["ip"] for r in replicas} == {HEAD_IP, WORKER_IP}, replicas  # one per node
+    for r in replicas:  # the plugin reached the engine on each node
+        assert "vllm_sink enabled" in cluster.replica_log(r), cluster.diagnostics()
+    cluster.snapshot()
+    return replicas
+
+
+def _shutdown(cluster: Cluster) -> None:
+    """``serve shutdown``, then ``ray stop``: nothing of this cluster survives."""
+    cluster.run("serve", "shutdown", "-y", "-a", cluster.dashboard, timeout=180)
+    deadline = time.monotonic() + 120
+    while any(re.search("ServeReplica|VLLM::", t) for t in _titles(cluster.marker)):
+        assert time.monotonic() < deadline, _describe(_marked(cluster.marker))
+        time.sleep(2)
+    ours = {p.pid for p in cluster.snapshot()}  # while the raylets still hold their children
+    foreign = [p for p in _ray_processes() if p.pid not in ours]
+    if foreign:
+        # `ray stop` stops every Ray process on the machine, including a Ray this test did not
+        # start; with one running, stop only this cluster's processes, by pid.
+        warnings.warn(
+            f"another Ray runs on this host; not calling ray stop:\n{_describe(foreign)}",
+            stacklevel=1,
+        )
+        _stop_cluster(cluster)
+    else:
+        cluster.run("ray", "stop", timeout=180)
+    deadline = time.monotonic() + 30
+    while (left := _alive(cluster.snapshot())) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not left, f"left behind:\n{_describe(left)}"
+
+
 @pytest.mark.slow
 # Two CPU engines start (the replicas wait up to 20 minutes for them), then streams, a replica
 # kill and the shutdown, each with its own deadline below.
@@ -591,24 +683,8 @@ def test_two_node_cluster_serves_sink_streams(cluster: Cluster, model_dir: Path)
     import openai
 
     t0 = time.monotonic()
-    config_path = cluster.tmp / "serve.yaml"
-    config_path.write_text(yaml.safe_dump(_serve_config(model_dir, cluster.serve_port)))
-    # Both nodes registered (the second node's `ray start` returns before the head lists it).
-    deadline = time.monotonic() + 120
-    while True:
-        status = cluster.run("ray", "status", "--address", cluster.gcs, timeout=120)
-        active = status.split("Active:", 1)[1].split("Pending:", 1)[0]
-        if active.count("node_") == 2:
-            break
-        assert time.monotonic() < deadline, status
-        time.sleep(2)
-
-    cluster.run("serve", "deploy", str(config_path), "-a", cluster.dashboard, timeout=180)
-    replicas = cluster.wait_running(2, timeout=1200)
-    assert {r["ip"] for r in replicas} == {HEAD_IP, WORKER_IP}, replicas  # one per node
-    for r in replicas:  # the plugin reached the engine on each node
-        assert "vllm_sink enabled" in cluster.replica_log(r), cluster.diagnostics()
-    cluster.snapshot()
+    _wait_for_nodes(cluster)
+    replicas = _deploy(cluster, _serve_config(model_dir, cluster.serve_port), "serve.yaml")
     t_deploy = time.monotonic() - t0
 
     url = f"http://{HEAD_IP}:{cluster.serve_port}/v1"
@@ -680,27 +756,7 @@ def test_two_node_cluster_serves_sink_streams(cluster: Cluster, model_dir: Path)
     t_kill = time.monotonic() - t0 - t_deploy - t_streams
 
     # 3. serve shutdown, then ray stop: nothing of this cluster survives.
-    cluster.run("serve", "shutdown", "-y", "-a", cluster.dashboard, timeout=180)
-    deadline = time.monotonic() + 120
-    while any(re.search("ServeReplica|VLLM::", t) for t in _titles(cluster.marker)):
-        assert time.monotonic() < deadline, _describe(_marked(cluster.marker))
-        time.sleep(2)
-    ours = {p.pid for p in cluster.snapshot()}  # while the raylets still hold their children
-    foreign = [p for p in _ray_processes() if p.pid not in ours]
-    if foreign:
-        # `ray stop` stops every Ray process on the machine, including a Ray this test did not
-        # start; with one running, stop only this cluster's processes, by pid.
-        warnings.warn(
-            f"another Ray runs on this host; not calling ray stop:\n{_describe(foreign)}",
-            stacklevel=1,
-        )
-        _stop_cluster(cluster)
-    else:
-        cluster.run("ray", "stop", timeout=180)
-    deadline = time.monotonic() + 30
-    while (left := _alive(cluster.snapshot())) and time.monotonic() < deadline:
-        time.sleep(1)
-    assert not left, f"left behind:\n{_describe(left)}"
+    _shutdown(cluster)
     print(
         f"\ndeploy {t_deploy:.0f} s, streams {t_streams:.0f} s, kill+replace {t_kill:.0f} s, "
         f"total {time.monotonic() - t0:.0f} s"
@@ -717,3 +773,165 @@ def _ray_processes() -> list[psutil.Process]:
         if any((kw in name) if by_name else (kw in cmdline) for kw, by_name in RAY_PROCESSES):
             found.append(proc)
     return found
+
+
+# ---------------------------------------------------------------------- conversation affinity
+
+CONVERSATIONS, TURNS = 6, 12
+ANSWER_TOKENS, MESSAGE_WORDS = 8, 24
+
+
+@dataclass
+class Turn:
+    """One chat turn's usage: its prompt's tokens, those of them not prefilled (cached), and the
+    tokens it generated."""
+
+    prompt: int
+    cached: int
+    completion: int
+
+
+def _resumed(prev: Turn, turn: Turn) -> bool:
+    """The turn continued the stream of its conversation's previous turn: it prefilled only what
+    that turn did not compute (its last sampled token) and the new messages."""
+    return turn.cached == prev.prompt + prev.completion - 1
+
+
+def _new_tokens(prev: Turn | None, turn: Turn) -> int:
+    """The turn's tokens its conversation's stream had not computed (all of a first turn's)."""
+    return turn.prompt if prev is None else turn.prompt - (prev.prompt + prev.completion - 1)
+
+
+class Chats:
+    """``CONVERSATIONS`` chat conversations, each turn resending the whole history through the
+    OpenAI chat API (``stream=False``) as a chat client does; records every turn's usage."""
+
+    def __init__(self, client, words: list[str]):
+        self.client, self.words = client, words
+        self.messages: list[list[dict]] = [[] for _ in range(CONVERSATIONS)]
+        self.turns: list[list[Turn]] = [[] for _ in range(CONVERSATIONS)]
+
+    def turn(self, c: int) -> Turn:
+        k = len(self.turns[c])
+        # Each conversation its own passage: no two share a prefix, so the prefix-aware router
+        # places each new one by load (it follows a shared prefix of 10% of the text or more).
+        start = 20_000 + 2_000 * c + MESSAGE_WORDS * k
+        content = " ".join(self.words[start : start + MESSAGE_WORDS])
+        self.messages[c].append({"role": "user", "content": content})
+        reply = self.client.chat.completions.create(
+            model=MODEL_ID, messages=self.messages[c], max_tokens=ANSWER_TOKENS, temperature=0
+        )
+        answer = reply.choices[0].message.content or ""
+        self.messages[c].append({"role": "assistant", "content": answer})
+        usage = reply.usage
+        assert usage.prompt_tokens_details is not None, "no prompt_tokens_details in usage"
+        turn = Turn(
+            usage.prompt_tokens, usage.prompt_tokens_details.cached_tokens or 0,
+            usage.completion_tokens,
+        )  # fmt: skip
+        self.turns[c].append(turn)
+        return turn
+
+    def run(self, turns: int) -> None:
+        """``turns`` more turns of every conversation, one request at a time, round robin."""
+        for _ in range(turns):
+            for c in range(CONVERSATIONS):
+                self.turn(c)
+
+    def totals(self, turns: range) -> tuple[int, int, int, int]:
+        """Over ``turns`` of every conversation: tokens prefilled, new tokens (what a turn that
+        resumes its stream prefills), turns resumed, and turns after a conversation's first."""
+        prefilled = new = resumed = later = 0
+        for conv in self.turns:
+            for k in turns:
+                prev = conv[k - 1] if k else None
+                prefilled += conv[k].prompt - conv[k].cached
+                new += _new_tokens(prev, conv[k])
+                if prev is not None:
+                    later += 1
+                    resumed += _resumed(prev, conv[k])
+        return prefilled, new, resumed, later
+
+
+@pytest.mark.slow
+# Two CPU engines start twice (a router change restarts every replica), each start with a
+# 20-minute deadline; the conversations themselves take a few minutes.
+@pytest.mark.timeout(3000)
+def test_conversation_affinity(cluster: Cluster, model_dir: Path):
+    """The shipped CPU config (two replicas, prefix-aware router): six conversations of twelve
+    turns, each turn resending the history, stay on the replica holding their stream (>= 90% of
+    the later turns resume it). Killing one replica between turns fails no request: each of its
+    conversations re-prefills once on the survivor and resumes after. The same conversations
+    under Serve's default router are reported, not asserted."""
+    import openai
+    from ray.serve._private.constants import SERVE_NAMESPACE
+
+    from vllm_sink.assets import long_text
+
+    t0 = time.monotonic()
+    config = _serve_config(model_dir, cluster.serve_port)
+    (llm,) = _llm_configs(config)
+    router = llm["deployment_config"]["request_router_config"]["request_router_class"]
+    assert router.endswith("PrefixCacheAffinityRouter"), router
+    _wait_for_nodes(cluster)
+    replicas = _deploy(cluster, config, "serve.yaml")
+    t_deploy = time.monotonic() - t0
+
+    url = f"http://{HEAD_IP}:{cluster.serve_port}/v1"
+    client = openai.OpenAI(base_url=url, api_key="unused", timeout=600, max_retries=0)
+    words = long_text(400_000).split()
+
+    # 1. Prefix-aware router: every conversation's later turns resume its stream.
+    chats = Chats(client, words)
+    chats.run(TURNS)
+    prefilled, new, resumed, later = chats.totals(range(TURNS))
+    flags = [[_resumed(conv[k - 1], conv[k]) for k in range(1, TURNS)] for conv in chats.turns]
+    assert resumed >= 0.9 * later, (flags, chats.turns, cluster.diagnostics())
+    # The conversations were spread over both replicas (each logged chat calls).
+    took = {r["id"]: _took_requests(cluster, r) for r in replicas}
+    assert all(took.values()), f"{took}\n{cluster.diagnostics()}"
+    # The histories went past max_model_len (the streams evicted).
+    assert max(conv[-1].prompt for conv in chats.turns) > MAX_MODEL_LEN
+    t_affinity = time.monotonic() - t0 - t_deploy
+
+    # 2. Kill the second node's replica between turns (`ray kill-actor --force` is ray.kill on
+    # the replica's named actor), then two more turns of every conversation: none fails (Serve
+    # re-routes a request that finds the replica dead); the victim's conversations re-prefill
+    # once, on the survivor, and resume after; the survivor's resume throughout.
+    victim = next(r for r in replicas if r["ip"] == WORKER_IP)
+    victim_proc = psutil.Process(victim["pid"])
+    cluster.run("ray", "kill-actor", "--address", cluster.gcs, "--name", victim["name"],
+                "--namespace", SERVE_NAMESPACE, "--force", "--no-restart", timeout=180)  # fmt: skip
+    _, alive = psutil.wait_procs([victim_proc], timeout=60)
+    assert not alive, _describe(alive)
+    chats.run(2)  # a failed request raises here
+    moved = [c for c, conv in enumerate(chats.turns) if not _resumed(conv[TURNS - 1], conv[TURNS])]
+    assert 0 < len(moved) < CONVERSATIONS, (moved, chats.turns)
+    assert all(_resumed(conv[TURNS], conv[TURNS + 1]) for conv in chats.turns), chats.turns
+    moved_prefilled = sum(t.prompt - t.cached for t in (chats.turns[c][TURNS] for c in moved))
+    cluster.snapshot()
+    t_kill = time.monotonic() - t0 - t_deploy - t_affinity
+
+    # 3. The same conversations under Serve's default router (power of two choices, by load):
+    # the app redeployed without request_router_config. A router change restarts every replica
+    # (Serve counts it as a code change), so the new ones start with empty KV caches.
+    del llm["deployment_config"]["request_router_config"]
+    old = {r["id"] for r in replicas} | {r["id"] for r in cluster.llm_replicas()}
+    _deploy(cluster, config, "serve-default-router.yaml", exclude=old)
+    t_redeploy = time.monotonic() - t0 - t_deploy - t_affinity - t_kill
+    plain = Chats(client, words)
+    plain.run(TURNS)
+    plain_prefilled, plain_new, plain_resumed, plain_later = plain.totals(range(TURNS))
+    t_default = time.monotonic() - t0 - t_deploy - t_affinity - t_kill - t_redeploy
+
+    _shutdown(cluster)
+    print(
+        f"\n{CONVERSATIONS} conversations x {TURNS} turns, {ANSWER_TOKENS}-token answers: "
+        f"prefix-aware router prefilled {prefilled} tokens for {new} new "
+        f"({resumed}/{later} later turns resumed); Serve's default router prefilled "
+        f"{plain_prefilled} for {plain_new} new ({plain_resumed}/{plain_later} resumed). "
+        f"Replica killed: {len(moved)} conversations re-prefilled once ({moved_prefilled} tokens)."
+        f"\ndeploy {t_deploy:.0f} s, affinity run {t_affinity:.0f} s, kill {t_kill:.0f} s, "
+        f"redeploy {t_redeploy:.0f} s, default-router run {t_default:.0f} s, "
+        f"total {time.monotonic() - t0:.0f} s"
+    )
