@@ -38,3 +38,24 @@ def reference_turn(ref, prefill: Sequence[int], outputs: Sequence[int], cap: int
     logprobs = np.array([float(p[t]) for p, t in zip(predictions, outputs, strict=True)])
     margins = [float(-torch.diff(p.topk(2).values)) for p in predictions]
     return choices, logprobs, margins
+
+
+_models: dict = {}
+
+
+def reference_stream(model_dir, sink: int, window: int, block_size: int):
+    """A fresh float32 reference stream (the weights are loaded once per test session)."""
+    from vllm_sink.reference import ReferenceModel, StreamingReference
+
+    if "model" not in _models:
+        _models["model"] = ReferenceModel(model_dir)
+    return StreamingReference(
+        _models["model"], sink_tokens=sink, window_tokens=window, block_size=block_size
+    )
+
+
+def greedy_result(output) -> tuple[list[int], list[float], int]:
+    """A finished request's sampled tokens, their log-probs and ``num_cached_tokens``."""
+    c = output.outputs[0]
+    logprobs = [s[t].logprob for t, s in zip(c.token_ids, c.logprobs, strict=True)]
+    return list(c.token_ids), logprobs, output.num_cached_tokens

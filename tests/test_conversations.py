@@ -18,7 +18,7 @@ import statistics
 import numpy as np
 import pytest
 
-from conversation_utils import reference_turn
+from conversation_utils import greedy_result, reference_stream, reference_turn
 from engine_utils import free_blocks, kv_manager, run_script, sink_llm
 
 SINK, WINDOW, MAX_LEN, BS = 4, 128, 512, 32
@@ -27,18 +27,9 @@ TOL = 1e-4  # float32: nats per token
 BOUND = math.ceil(SINK / BS) + math.ceil(WINDOW / BS) + 1  # pages held between steps
 
 
-_models: dict = {}
-
-
 def _stream(model_dir):
-    """A fresh reference stream (the float32 weights are loaded once per test session)."""
-    from vllm_sink.reference import ReferenceModel, StreamingReference
-
-    if "model" not in _models:
-        _models["model"] = ReferenceModel(model_dir)
-    return StreamingReference(
-        _models["model"], sink_tokens=SINK, window_tokens=WINDOW, block_size=BS
-    )
+    """A fresh reference stream."""
+    return reference_stream(model_dir, SINK, WINDOW, BS)
 
 
 @pytest.fixture(scope="module")
@@ -251,17 +242,7 @@ def _generate(llm, prompts, answer=ANSWER):
     params = SamplingParams(max_tokens=answer, temperature=0, ignore_eos=True, logprobs=0)
     prompts = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
     outs = llm.generate(prompts, params, use_tqdm=False)
-    return [
-        (
-            list(o.outputs[0].token_ids),
-            [
-                s[t].logprob
-                for t, s in zip(o.outputs[0].token_ids, o.outputs[0].logprobs, strict=True)
-            ],
-            o.num_cached_tokens,
-        )
-        for o in outs
-    ]
+    return [greedy_result(o) for o in outs]
 
 
 def _cap(llm) -> int:

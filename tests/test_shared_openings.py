@@ -15,7 +15,7 @@ import math
 import numpy as np
 import pytest
 
-from conversation_utils import reference_turn
+from conversation_utils import greedy_result, reference_stream, reference_turn
 from engine_utils import free_blocks, kv_manager, sink_llm
 
 SINK, WINDOW, MAX_LEN, BS = 4, 128, 512, 32
@@ -23,17 +23,9 @@ OPENING = 160  # five full pages
 BOUND = math.ceil(SINK / BS) + math.ceil(WINDOW / BS) + 1  # pages held between steps
 TOL = 1e-4  # float32: nats per token
 
-_models: dict = {}
-
 
 def _reference(model_dir):
-    from vllm_sink.reference import ReferenceModel, StreamingReference
-
-    if "model" not in _models:
-        _models["model"] = ReferenceModel(model_dir)
-    return StreamingReference(
-        _models["model"], sink_tokens=SINK, window_tokens=WINDOW, block_size=BS
-    )
+    return reference_stream(model_dir, SINK, WINDOW, BS)
 
 
 @pytest.fixture(scope="module")
@@ -52,17 +44,7 @@ def _generate(llm, prompts, answer):
 
     params = SamplingParams(max_tokens=answer, temperature=0, ignore_eos=True, logprobs=0)
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-    return [
-        (
-            list(o.outputs[0].token_ids),
-            [
-                s[t].logprob
-                for t, s in zip(o.outputs[0].token_ids, o.outputs[0].logprobs, strict=True)
-            ],
-            o.num_cached_tokens,
-        )
-        for o in outs
-    ]
+    return [greedy_result(o) for o in outs]
 
 
 def _step_all(llm, prompts, answer, on_step):
@@ -81,18 +63,7 @@ def _step_all(llm, prompts, answer, on_step):
             if out.finished:
                 final[out.request_id.split("-")[0]] = out  # internal ids get a suffix
         on_step(scheduler)
-    outs = [final[f"s{i}"] for i in range(len(prompts))]
-    return [
-        (
-            list(o.outputs[0].token_ids),
-            [
-                s[t].logprob
-                for t, s in zip(o.outputs[0].token_ids, o.outputs[0].logprobs, strict=True)
-            ],
-            o.num_cached_tokens,
-        )
-        for o in outs
-    ]
+    return [greedy_result(final[f"s{i}"]) for i in range(len(prompts))]
 
 
 def _error(model_dir, llm, prompt, result, where: str) -> float:

@@ -117,8 +117,9 @@ def prepare_engine_args(engine_args: Any, settings: SinkSettings, platform: Any 
     # The worker compacts requests between steps; tokens in flight would straddle that.
     engine_args.async_scheduling = False
     prepare_for_platform(engine_args, platform)
-    # Prefix caching stays the user's switch: with it on, finished streams are parked and
-    # resumed (vllm_sink.parked); pages are never shared as prefix-cache hits.
+    # Prefix caching stays the user's switch: with it on, pages computed before a stream's first
+    # eviction are prefix-cache pages (vllm_sink.kv_cache) and finished streams are parked and
+    # continued (vllm_sink.parked).
 
 
 def step_tokens_per_request(scheduler_config: Any) -> int:

@@ -314,9 +314,14 @@ def apply_page_swaps(tracker: StreamTracker, runner, swaps: dict) -> None:
         copy_of = dict(pairs)
         row = req_state.block_ids[0]
         row[:] = [copy_of.get(b, b) for b in row]
-        if state.sink_key in copy_of:
-            tracker.copied.append((state.sink_key, copy_of[state.sink_key]))
-            state.sink_key = copy_of[state.sink_key]
+        old = state.sink_key
+        if old in copy_of:
+            tracker.copied.append((old, copy_of[old]))
+            state.sink_key = copy_of[old]
+            if tracker.sink_len and old not in tracker.parked:
+                # The shared page's sink state goes with its last user (settle keeps a key that
+                # another live stream still uses; a parked stream's is kept until reclaimed).
+                tracker.released.append(old)
         if runner.input_batch.req_id_to_index.get(req_id) is not None:
             runner.input_batch.remove_request(req_id)  # re-added by vLLM from the new rows
 
