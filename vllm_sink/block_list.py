@@ -104,3 +104,12 @@ class BlockList:
     def num_stored(self) -> int:
         """Entries held in memory."""
         return len(self.head) + len(self.tail)
+
+
+def stored_pages(blocks: BlockList | list) -> list[tuple[int, Any]]:
+    """(logical index, entry) of what a request's block list holds in memory: every entry of a
+    plain list, a :class:`BlockList`'s entries around its freed run."""
+    if isinstance(blocks, BlockList):
+        after = len(blocks.head) + blocks.nulls
+        return [*enumerate(blocks.head), *enumerate(blocks.tail, after)]
+    return list(enumerate(blocks))

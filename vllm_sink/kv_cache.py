@@ -37,7 +37,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
 from vllm_sink import geometry
-from vllm_sink.block_list import BlockList
+from vllm_sink.block_list import BlockList, stored_pages
 from vllm_sink.parked import ParkedStream, ParkedStreams
 from vllm_sink.tail import TailList
 
@@ -133,15 +133,11 @@ class SinkWindowManager(FullAttentionManager):
             blocks = self.req_to_blocks[request_id] = BlockList(
                 blocks, spec.num_sink_pages, self._null_block
             )
-        # Pages this step's eviction takes from the request (vLLM stops at the first null page
-        # too). A page the request shares stays with the others: count the list, not the pool.
-        newly_freed = 0
-        if blocks is not None:
-            for i in range(min(freed.stop, len(blocks)) - 1, freed.start - 1, -1):
-                if blocks[i].is_null:
-                    break
-                newly_freed += 1
+        # Pages this step's eviction takes from the request: they join the freed run after the
+        # sinks (a page the request shares stays with the others: count the list, not the pool).
+        before = blocks.nulls if isinstance(blocks, BlockList) else 0
         self._remove_blocks_in_range(request_id, freed.start, freed.stop)
+        newly_freed = blocks.nulls - before if isinstance(blocks, BlockList) else 0
         if newly_freed:
             self.pages_freed += newly_freed
             self._evicted[request_id] = self._evicted.get(request_id, 0) + newly_freed
@@ -221,12 +217,7 @@ class SinkWindowManager(FullAttentionManager):
             return []
         if not (isinstance(blocks, BlockList) or request_id in self._forks):
             return []
-        if isinstance(blocks, BlockList):
-            after = len(blocks.head) + blocks.nulls
-            pages = [*enumerate(blocks.head), *enumerate(blocks.tail, after)]
-        else:
-            pages = list(enumerate(blocks))
-        return [(i, b) for i, b in pages if not b.is_null and self._is_shared(b)]
+        return [(i, b) for i, b in stored_pages(blocks) if not b.is_null and self._is_shared(b)]
 
     def get_num_blocks_to_allocate(self, request_id: str, *args: Any, **kwargs: Any) -> int:
         need = super().get_num_blocks_to_allocate(request_id, *args, **kwargs)
@@ -355,8 +346,7 @@ class SinkWindowManager(FullAttentionManager):
         for rid in request_ids:
             blocks = self.req_to_blocks.get(rid)
             if blocks:
-                stored = (*blocks.head, *blocks.tail) if isinstance(blocks, BlockList) else blocks
-                held.update(b.block_id for b in stored if not b.is_null)
+                held.update(b.block_id for _, b in stored_pages(blocks) if not b.is_null)
         return len(held)
 
     def num_pages_held(self, request_id: str) -> int:
