@@ -135,6 +135,8 @@ if case.get("shared"):
 engine.llm_engine.step()  # the worker hears of the finished requests
 infos = engine.collective_rpc("vllm_sink_worker_info")  # one per rank
 info = infos[0]
+compilation = engine.llm_engine.vllm_config.compilation_config
+result["compile_mode"] = compilation.mode.name  # NONE when eager
 result.update(backends=info["attention_backends"], moves=info["sink_moves"],
               rebases=info["rebases"], free_delta=free_blocks(engine) - start_free,
               ranks=len(infos), same_on_every_rank=all(

@@ -45,8 +45,8 @@ PAGE = 32  # the benchmarks' KV block size
 
 # The quick suite starts four engines and two servers and takes 5 to 6.5 minutes on 2 CPU cores
 # (295 s and 385 s measured; serving, the longest, 131 s of the latter), plus the long
-# perplexity run's three engines, about 4 minutes (``long_ppl --quick``: 241 s measured alone at
-# 16,000 tokens and 12 targets on one thread; now 20,000 and 12 on two), plus host_memory's own
+# perplexity run's three engines, 1.5-2 minutes (``long_ppl --quick``: 191 s at 20,000 tokens
+# and 12 targets on two threads; now 10,000 and 8), plus host_memory's own
 # server and its 8 x 2,000 streamed tokens, about 1 minute (~30 s start, ~30 s streaming). The
 # timeout only catches a hang.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3000)]

@@ -425,13 +425,28 @@ class Cluster:
             app = (status.get("applications") or {}).get(APP) or {}
             if app.get("status") == "DEPLOY_FAILED":
                 pytest.fail(f"deploy failed: {app.get('message')}\n{self.diagnostics()}")
-            if app.get("status") == "RUNNING":
+            # A replacement replica's actor is ALIVE while it still starts its engine, and the
+            # app may still read RUNNING then: wait for the deployment's replicas to be RUNNING.
+            states = ((app.get("deployments") or {}).get(LLM_DEPLOYMENT) or {}).get(
+                "replica_states"
+            )
+            if app.get("status") == "RUNNING" and states == {"RUNNING": replicas}:
                 alive = [r for r in self.llm_replicas() if r["id"] not in exclude]
                 if len(alive) == replicas:
                     return alive
             if time.monotonic() > deadline:
                 pytest.fail(f"app not running in {timeout} s: {status}\n{self.diagnostics()}")
             time.sleep(5)
+
+    def wait_log(self, replica: dict, text: str, timeout: float) -> None:
+        """Wait until ``text`` is in the replica's logs (a replica can be listed before its
+        engine has logged its start-up)."""
+        deadline = time.monotonic() + timeout
+        while text not in self.replica_log(replica):
+            if time.monotonic() > deadline:
+                log = self.replica_log(replica)[-4000:]
+                pytest.fail(f"{text!r} not in {replica['id']}'s log in {timeout} s\n{log}")
+            time.sleep(2)
 
     def replica_log(self, replica: dict) -> str:
         """The replica's Serve log and its worker's stdout/stderr (where vLLM logs)."""
@@ -645,7 +660,7 @@ def _deploy(cluster: Cluster, config: dict, name: str, exclude: set[str] = froze
     replicas = cluster.wait_running(2, timeout=1200, exclude=exclude)
     assert {r["ip"] for r in replicas} == {HEAD_IP, WORKER_IP}, replicas  # one per node
     for r in replicas:  # the plugin reached the engine on each node
-        assert "vllm_sink enabled" in cluster.replica_log(r), cluster.diagnostics()
+        cluster.wait_log(r, "vllm_sink enabled", timeout=120)
     cluster.snapshot()
     return replicas
 
@@ -744,7 +759,7 @@ def test_two_node_cluster_serves_sink_streams(cluster: Cluster, model_dir: Path)
     new_ids = {r["id"] for r in new}
     assert victim["id"] not in new_ids, new
     replacement = next(r for r in new if r["ip"] == WORKER_IP)
-    assert "vllm_sink enabled" in cluster.replica_log(replacement)
+    cluster.wait_log(replacement, "vllm_sink enabled", timeout=300)
     # Both replicas (the replacement too) answer again.
     third = _start_staggered(client, [
         Stream("completion", 48, "Hello"), Stream("chat", 48, "Hello"),
