@@ -9,6 +9,7 @@ start each time. Workers are keyed by their configuration in an :class:`EnginePo
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import csv
 import dataclasses
@@ -46,6 +47,21 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def _cpu_bf16() -> str:
+    """How the CPU multiplies bf16: AMX tiles, AVX-512 bf16 instructions, or not natively."""
+    flags: set[str] = set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    if "amx_bf16" in flags:
+        return "AMX bf16"
+    if "avx512_bf16" in flags:
+        return "AVX-512 bf16"
+    return "no native bf16"
+
+
 def _version(dist: str) -> str | None:
     try:
         return importlib.metadata.version(dist)
@@ -73,6 +89,7 @@ def machine_info() -> dict[str, Any]:
     dirty = _git("status", "--porcelain", "--untracked-files=no")
     return {
         "cpu_model": _cpu_model(),
+        "cpu_bf16": _cpu_bf16(),
         "cpu_count": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "mem_gib": mem_gib,
@@ -214,6 +231,11 @@ class EngineConfig:
     prefix_caching: bool = False
     # A second engine of the same settings (an A/A control) needs its own process.
     replica: int = 0
+    # vLLM's default is compiled (torch.compile); eager (enforce_eager) starts faster.
+    eager: bool = False
+    # Sleep this fraction of each engine step's time after it (a known cost injected into a
+    # copy of the vanilla engine, to show the overhead method resolves it).
+    slowdown: float = 0.0
 
     @property
     def plugin(self) -> bool:
@@ -222,8 +244,10 @@ class EngineConfig:
     @property
     def name(self) -> str:
         pc = ", prefix caching" if self.prefix_caching else ""
+        pc += ", eager" if self.eager else ""
         if not self.plugin:
             copy = f", replica {self.replica}" if self.replica else ""
+            copy += f", slowed {self.slowdown:.0%}" if self.slowdown else ""
             return f"vanilla(mml={self.max_model_len}{pc}{copy})"
         return f"plugin({self.sink_tokens}+{self.window_tokens}, mml={self.max_model_len}{pc})"
 
@@ -404,6 +428,12 @@ def add_engine_args(parser: Any, name: str) -> None:
     parser.add_argument("--window", type=int, default=None, help="window_tokens")
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--kv-space", type=float, default=None, help="GiB of KV per engine")
+    parser.add_argument(
+        "--eager",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="enforce_eager (default: vLLM's compiled mode in the full run, eager in --quick)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / name)
 
 
@@ -413,6 +443,10 @@ def finish_engine_args(args: Any) -> Any:
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.eager is None:
+        # The suite's quick run stays eager: a cold compile of the embedded model costs about
+        # 75 s per engine on 2 cores (vLLM caches it per configuration for later starts).
+        args.eager = args.quick
     return args
 
 
@@ -422,6 +456,7 @@ def engine_configs(args: Any, max_num_seqs: int = 64) -> tuple[EngineConfig, Eng
         "max_model_len": args.max_model_len,
         "kv_space_gib": args.kv_space,
         "max_num_seqs": max_num_seqs,
+        "eager": args.eager,
     }
     plugin = EngineConfig(window_tokens=args.window, sink_tokens=args.sinks, **common)
     return plugin, EngineConfig(**common)

@@ -17,6 +17,7 @@ import io
 import itertools
 import pstats
 import time
+from pathlib import Path
 from typing import Any
 
 from worker_protocol import reply, serve
@@ -48,7 +49,7 @@ class Worker:
         self.llm = LLM(
             model=str(default_model_dir()),
             block_size=32,
-            enforce_eager=True,
+            enforce_eager=cfg.get("eager", False),
             max_model_len=cfg["max_model_len"],
             max_num_seqs=cfg["max_num_seqs"],
             # Off unless the config asks for it, for plugin and vanilla alike: repeats reuse
@@ -63,6 +64,8 @@ class Worker:
         )
         self.build_s = time.perf_counter() - t0
         self.engine = self.llm.llm_engine
+        if cfg.get("slowdown"):
+            self.engine.step = _slowed(self.engine.step, cfg["slowdown"])
         self.scheduler = self.engine.engine_core.engine_core.scheduler
         self.pool = self.scheduler.kv_cache_manager.block_pool
         self.manager = self.scheduler.kv_cache_manager.coordinator.single_type_managers[0]
@@ -164,6 +167,7 @@ class Worker:
             "max_model_len": config.model_config.max_model_len,
             "dtype": str(config.model_config.dtype).removeprefix("torch."),
             "prefix_caching": bool(config.cache_config.enable_prefix_caching),
+            "compile_mode": config.compilation_config.mode.name,  # NONE: eager
         }
 
     def op_decode(
@@ -269,6 +273,7 @@ class Worker:
         }
         if prof:
             result["profile"] = _profile_text(prof, profile_top)
+            result["plugin_share"] = _plugin_share(prof, total)
         return result
 
     def op_close(self) -> dict[str, Any]:
@@ -478,6 +483,50 @@ class Worker:
             "tokens_per_stream": list(produced.values()),
             "budget_pages": budget_pages,
         }
+
+
+def _slowed(step: Any, fraction: float) -> Any:
+    """``step`` made ``fraction`` slower: after each call, sleep that fraction of its time."""
+
+    def slowed_step() -> Any:
+        t0 = time.perf_counter()
+        out = step()
+        time.sleep(fraction * (time.perf_counter() - t0))
+        return out
+
+    return slowed_step
+
+
+REPO = Path(__file__).resolve().parents[1]
+PLUGIN_DIRS = (str(REPO / "vllm_sink") + "/", str(REPO / "patches") + "/")
+
+
+def _plugin_share(prof: cProfile.Profile, steps_s: float) -> dict[str, float]:
+    """The plugin's own time in the profiled steps: what vLLM's code spends inside plugin
+    functions (``vllm_sink``, ``patches``), less what those hand on to vLLM's code (the stock
+    kernels, builders and runner they wrap). Torch ops the plugin calls itself stay its own."""
+
+    def plugin(fn: tuple) -> bool:
+        return fn[0].startswith(PLUGIN_DIRS)
+
+    def vllm(fn: tuple) -> bool:
+        return "/site-packages/vllm/" in fn[0]
+
+    stats = pstats.Stats(prof).stats  # {fn: (cc, nc, tottime, cumtime, {caller: (.., cumtime)})}
+    entered = delegated = 0.0
+    for fn, (*_, callers) in stats.items():
+        if plugin(fn):
+            entered += sum(t[3] for c, t in callers.items() if not plugin(c))
+        elif vllm(fn):
+            delegated += sum(t[3] for c, t in callers.items() if plugin(c))
+    own = entered - delegated
+    return {
+        "steps_s": steps_s,
+        "entered_s": entered,
+        "delegated_s": delegated,
+        "own_s": own,
+        "share": own / steps_s if steps_s else 0.0,
+    }
 
 
 def _profile_text(prof: cProfile.Profile, top: int) -> dict[str, str]:

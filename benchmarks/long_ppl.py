@@ -137,6 +137,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    # Log-probabilities, not speed: eager in --quick (no compile in the suite), else vLLM's
+    # default compiled mode.
+    args.eager = args.quick
     if not 0 <= args.sinks < args.cache:
         parser.error("--sinks must be >= 0 and below --cache")
     if args.cache >= args.max_model_len:
@@ -158,6 +161,7 @@ def engine_configs(args: argparse.Namespace) -> dict[str, EngineConfig]:
         "max_num_batched_tokens": args.chunk,
         "kv_space_gib": args.kv_space,
         "dtype": args.dtype,
+        "eager": args.eager,
     }
     return {
         "sinks": EngineConfig(

@@ -1,34 +1,44 @@
-"""1. Overhead: decode throughput of vLLM with the plugin against vanilla vLLM.
+"""1. Overhead: decode throughput of vLLM with the plugin against vanilla vLLM, to within 1 %.
 
-    .venv/bin/python benchmarks/overhead.py            # full: 1/4/16/64 streams, 5 repeats
-    .venv/bin/python benchmarks/overhead.py --quick    # tiny sizes, 2 repeats
+    .venv/bin/python benchmarks/overhead.py            # full: 1/4/16/64 streams, both modes
+    .venv/bin/python benchmarks/overhead.py --quick    # tiny: 1 and 4 streams, eager
 
-Both engines run side by side in their own processes (same settings but for the plugin) and
-stay up for the whole run. For each stream count both prefill their streams once; then the
-repeats alternate segments of ``--steps`` decode steps between the engines (the order flipped
-every other time, the other engine's streams waiting meanwhile), so load from other jobs on the
-machine hits both alike. A repeat's ratio is plugin tokens/s over vanilla tokens/s of its two
-segments; the spread is over repeats.
+Method. The engines run side by side in their own processes (same settings but for the plugin)
+and stay up for the whole run. For each mode (vLLM's default compiled mode, and eager) and
+stream count each engine prefills its streams once; then ``--rounds`` rounds each run
+``--steps`` decode steps on every engine in turn, the order rotated every round. A round's
+ratio is the vanilla engine's time for its steps over the plugin's (the tokens are the same,
+one per stream and step), so whatever the machine does on a scale longer than a round (other
+jobs, frequency, drift) hits both engines of a pair alike and cancels in it. The estimate is
+the geometric mean of the rounds' ratios; its 95 % interval is Student's t over their logs.
+
+Control (``--control``, on in the full run): a copy of the vanilla engine slowed by
+``--inject`` (1 %: after each step it sleeps 1 % of that step's time), measured in the same
+rotation. Its ratio to vanilla must come out at 1 / 1.01 = 0.990, with an interval that
+excludes 1.0: the method sees a 1 % cost, and the two vanilla processes, identical but for
+the injected cost, show what is left of the difference between processes.
 
 Same cached tokens per stream: plugin streams start past the window (already evicting) and hold
 ``sink pages + window + (0..31)`` tokens, on average ``sink_len + window + 16``; vanilla streams
-start ``repeats * steps / 2`` tokens short of that, so over the run they hold the same number on
+start half the decoded tokens short of that, so over the run they hold the same number on
 average. Prompts are staggered by ``(11 i) % 32`` tokens in both engines, so the streams cross
 page boundaries (where the plugin evicts and re-rotates its sinks) on different steps.
-``--control`` (on in the full run) adds a second vanilla engine, measured in the same rotation:
-its ratio to the first (*vanilla B / vanilla*, an A/A test) is the noise floor of the method,
-which is mostly how fast one engine process happens to run against another on these cores.
-``--profile N`` also runs cProfile over the decode of N streams in both engines and writes the
-hot spots.
 
-Writes ``results.json`` (machine, settings, every run, ratio spread per stream count),
-``runs.csv``, ``overhead.png`` and, with ``--profile``, ``profile_{plugin,vanilla}_N.txt``.
+Profile (``--profile N``, full: 16): cProfile over N streams' decode on the plugin engine of
+each mode; the plugin's own share of a decode step is the time inside the ``vllm_sink`` and
+``patches`` functions that vLLM calls, less the vLLM code they hand work on to (the stock
+kernels, metadata builders and runner they wrap), over the steps' time (both under cProfile,
+which slows Python more than kernels: an upper bound).
+
+Writes ``results.json`` (machine, settings, every round, the estimates per mode and stream
+count), ``runs.csv``, ``overhead.png`` and, with ``--profile``, ``profile_plugin_{mode}_N.txt``.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -39,32 +49,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     EnginePool,
     add_engine_args,
-    alternate,
     engine_configs,
     engine_facts,
     finish_engine_args,
-    fmt_spread,
     log,
     plt,
     result_envelope,
     save_plot,
     sink_len,
-    spread,
     standalone,
     write_command,
     write_csv,
     write_json,
 )
 
-TARGET = 0.97
+TARGET = 0.99  # plugin / vanilla decode throughput, at every stream count and in both modes
+MODES = ("compiled", "eager")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_engine_args(parser, "overhead")
     parser.add_argument("--streams", type=int, nargs="+", default=None)
-    parser.add_argument("--steps", type=int, default=None, help="decode steps per measurement")
-    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=None)
+    parser.add_argument("--steps", type=int, default=2, help="decode steps per engine and round")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument(
+        "--inject", type=float, default=0.01, help="the control's injected cost (0.01: 1 %%)"
+    )
     parser.add_argument(
         "--profile", type=int, default=None, metavar="STREAMS", help="0: none (full: 16)"
     )
@@ -72,34 +84,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--control",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="a second vanilla engine as an A/A control (default: on in the full run)",
+        help="a slowed copy of the vanilla engine (default: on in the full run)",
     )
     args = finish_engine_args(parser.parse_args(argv))
     if args.streams is None:
-        # bf16 prefill runs at ~50 tokens/s on 2 AVX2 cores: 64 streams are for the full run.
         args.streams = [1, 4] if args.quick else [1, 4, 16, 64]
-    if args.steps is None:
-        args.steps = 4 if args.quick else 16
-    if args.repeats is None:
-        args.repeats = 2 if args.quick else 5
+    if args.modes is None:
+        args.modes = ["eager" if args.eager else "compiled"] if args.quick else list(MODES)
+    if args.rounds is None:
+        args.rounds = 6 if args.quick else 64
     if args.profile is None:
         args.profile = 0 if args.quick else 16
     if args.control is None:
         args.control = not args.quick
+    if args.rounds < 6 or args.steps < 1:
+        parser.error("--rounds must be at least 6 (the t quantile) and --steps at least 1")
+    lens = prompt_lens(args)
+    if lens["vanilla"] < 1 or lens["vanilla"] + 31 + lens["decoded"] > args.max_model_len:
+        parser.error(
+            f"--rounds x --steps = {args.rounds * args.steps} decode steps do not fit vanilla's "
+            f"streams (mean {lens['mean_cached']} cached tokens, max_model_len "
+            f"{args.max_model_len}): fewer rounds or steps, or a larger window"
+        )
     return args
 
 
-def rotation(rep: int, index: int, names: list[str]) -> list[str]:
-    """Order of the engines in one repeat: two engines flip every other time, more rotate."""
-    if len(names) == 2:
-        return alternate(rep, index, names)
-    k = (rep + index) % len(names)
+def rotation(rnd: int, index: int, names: list[str]) -> list[str]:
+    """Order of the engines in one round: rotated by one every round (two engines: flipped)."""
+    k = (rnd + index) % len(names)
     return names[k:] + names[:k]
 
 
 def prompt_lens(args: argparse.Namespace) -> dict[str, int]:
     """Prompt lengths giving both engines the same mean cached tokens over the decode."""
-    decoded = args.repeats * args.steps + 1  # the first token comes with the prefill
+    decoded = args.rounds * args.steps + 1  # the first step is a warm-up, out of the timing
     # Plugin: sink pages + window + (0..31) tokens once evicting; the staggered prompts add
     # (11 i) % 32 tokens to both engines alike, so they are left out here.
     cached = sink_len(args.sinks) + args.window + 16
@@ -108,6 +126,36 @@ def prompt_lens(args: argparse.Namespace) -> dict[str, int]:
         "plugin": sink_len(args.sinks) + args.window + 32,
         "vanilla": cached - decoded // 2,
         "mean_cached": cached,
+        "decoded": decoded,
+    }
+
+
+def t_quantile(df: int, p: float = 0.975) -> float:
+    """Student's t quantile (Cornish-Fisher expansion: 0.003 from the table at df = 5, 2e-4 at
+    df >= 10)."""
+    z = statistics.NormalDist().inv_cdf(p)
+    return (
+        z
+        + (z**3 + z) / (4 * df)
+        + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+        + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * df**3)
+    )
+
+
+def paired_ratio(numerators: list[float], denominators: list[float]) -> dict[str, Any]:
+    """Geometric mean of the paired ratios and its 95 % interval (t over the logs)."""
+    logs = [math.log(a / b) for a, b in zip(numerators, denominators, strict=True)]
+    n, mean = len(logs), statistics.fmean(logs)
+    half = t_quantile(n - 1) * statistics.stdev(logs) / math.sqrt(n)
+    lo, hi = math.exp(mean - half), math.exp(mean + half)
+    return {
+        "n": n,
+        "ratio": math.exp(mean),
+        "ci95": [lo, hi],
+        "half_width": (hi - lo) / 2 / math.exp(mean),
+        "median": math.exp(statistics.median(logs)),
+        "min": math.exp(min(logs)),
+        "max": math.exp(max(logs)),
     }
 
 
@@ -116,85 +164,76 @@ def run(args: argparse.Namespace, pool: EnginePool) -> dict[str, Any]:
     from tqdm import tqdm
 
     write_command(args.out)
-    plugin_cfg, vanilla_cfg = engine_configs(args, max_num_seqs=max(64, *args.streams))
-    configs = {"plugin": plugin_cfg, "vanilla": vanilla_cfg}
-    if args.control:
-        configs["vanilla_b"] = dataclasses.replace(vanilla_cfg, replica=1)
-    workers = dict(zip(configs, pool.start(*configs.values()), strict=True))
     lens = prompt_lens(args)
-    lens["vanilla_b"] = lens["vanilla"]
-    max_tokens = args.repeats * args.steps + 8
+    max_tokens = lens["decoded"] + 8
     runs: list[dict[str, Any]] = []
     prefill: dict[str, Any] = {}
-    total = args.repeats * len(args.streams) * len(workers)
-    with tqdm(total=total, desc="overhead", unit="run", file=sys.stderr) as bar:
-        for idx, streams in enumerate(args.streams):
-            # One prefill per engine and stream count; the repeats then alternate segments of
-            # decode steps between the two engines (each keeps its streams alive meanwhile).
-            for name, w in workers.items():
-                bar.set_postfix(streams=streams, engine=name, phase="prefill")
-                prefill[f"{name}_{streams}"] = w.call(
-                    "open", streams=streams, prompt_len=lens[name], max_tokens=max_tokens
-                )
-                w.call("advance", steps=1)  # first-use costs out of the timing
-            for rep in range(args.repeats):
-                for name in rotation(rep, idx, list(workers)):
-                    r = workers[name].call("advance", steps=args.steps)
-                    runs.append({"repeat": rep, "engine": name, "streams": streams, **r})
-                    bar.set_postfix(streams=streams, engine=name, tok_s=f"{r['tok_s']:.1f}")
-                    bar.update()
-            for w in workers.values():
-                w.call("close")
+    configs_by_mode: dict[str, dict[str, Any]] = {}
+    facts: dict[str, Any] = {}
+    start_s: dict[str, Any] = {}
     summary: dict[str, Any] = {}
-    for streams in args.streams:
-        by = {
-            name: {r["repeat"]: r for r in runs if r["engine"] == name and r["streams"] == streams}
-            for name in workers
-        }
-        ratios = [by["plugin"][k]["tok_s"] / by["vanilla"][k]["tok_s"] for k in by["plugin"]]
-        step_ratios = [
-            by["vanilla"][k]["step_ms_median"] / by["plugin"][k]["step_ms_median"]
-            for k in by["plugin"]
-        ]
-        summary[str(streams)] = {
-            "plugin_tok_s": spread(r["tok_s"] for r in by["plugin"].values()),
-            "vanilla_tok_s": spread(r["tok_s"] for r in by["vanilla"].values()),
-            "ratio": spread(ratios),
-            "ratio_of_median_steps": spread(step_ratios),
-            "meets_target": statistics.median(ratios) >= TARGET if ratios else None,
-        }
-        if "vanilla_b" in by:
-            control = [
-                by["vanilla_b"][k]["tok_s"] / by["vanilla"][k]["tok_s"] for k in by["plugin"]
-            ]
-            summary[str(streams)]["control_ratio"] = spread(control)
-        control = summary[str(streams)].get("control_ratio")
-        log(
-            f"{streams:>3} streams: plugin/vanilla = {fmt_spread(summary[str(streams)]['ratio'])}"
-            + (f", control vanilla B/vanilla = {fmt_spread(control)}" if control else "")
-        )
-    profiles = {}
-    if args.profile:
-        for name in ("plugin", "vanilla"):
-            w = workers[name]
-            w.call("open", streams=args.profile, prompt_len=lens[name], max_tokens=4 * args.steps)
-            r = w.call("advance", steps=4 * args.steps - 2, profile=True)
+    profiles: dict[str, Any] = {}
+    for mode in args.modes:
+        mode_args = argparse.Namespace(**{**vars(args), "eager": mode == "eager"})
+        plugin_cfg, vanilla_cfg = engine_configs(mode_args, max_num_seqs=max(64, *args.streams))
+        configs = {"plugin": plugin_cfg, "vanilla": vanilla_cfg}
+        if args.control:
+            configs["control"] = dataclasses.replace(vanilla_cfg, replica=1, slowdown=args.inject)
+        configs_by_mode[mode] = configs
+        workers = dict(zip(configs, pool.start(*configs.values()), strict=True))
+        facts[mode] = engine_facts(workers)
+        start_s[mode] = {n: w.ready["start_s"] for n, w in workers.items() if w.ready}
+        total = args.rounds * len(args.streams) * len(workers)
+        with tqdm(total=total, desc=f"overhead {mode}", unit="run", file=sys.stderr) as bar:
+            for idx, streams in enumerate(args.streams):
+                for name, w in workers.items():
+                    prompt = lens["plugin" if name == "plugin" else "vanilla"]
+                    prefill[f"{mode}_{name}_{streams}"] = w.call(
+                        "open", streams=streams, prompt_len=prompt, max_tokens=max_tokens
+                    )
+                    w.call("advance", steps=1)  # first-use costs out of the timing
+                for rnd in range(args.rounds):
+                    for name in rotation(rnd, idx, list(workers)):
+                        r = workers[name].call("advance", steps=args.steps)
+                        r.pop("step_ms", None)
+                        runs.append(
+                            {"mode": mode, "streams": streams, "round": rnd, "engine": name, **r}
+                        )
+                        bar.update()
+                for w in workers.values():
+                    w.call("close")
+        summary[mode] = {}
+        for streams in args.streams:
+            s = summarize([r for r in runs if r["mode"] == mode and r["streams"] == streams])
+            summary[mode][str(streams)] = s
+            est = s["plugin_vs_vanilla"]
+            line = f"{mode}, {streams:>2} streams: plugin/vanilla {fmt_ci(est)}"
+            if "control_vs_vanilla" in s:
+                line += f"; control/vanilla {fmt_ci(s['control_vs_vanilla'])}"
+            log(line)
+        if args.profile:
+            w = workers["plugin"]
+            n_steps = 4 * args.steps + 8
+            w.call("open", streams=args.profile, prompt_len=lens["plugin"], max_tokens=n_steps + 4)
+            w.call("advance", steps=1)
+            r = w.call("advance", steps=n_steps, profile=True)
             w.call("close")
-            path = args.out / f"profile_{name}_{args.profile}.txt"
+            path = args.out / f"profile_plugin_{mode}_{args.profile}.txt"
+            share = r["plugin_share"]
             path.write_text(
-                f"# {name}, {args.profile} streams, {r['steps']} decode steps, "
-                f"{r['tok_s']:.1f} tok/s under cProfile\n\n"
+                f"# plugin, {mode}, {args.profile} streams, {r['steps']} decode steps, "
+                f"{r['tok_s']:.1f} tok/s under cProfile; plugin's own share of the steps: "
+                f"{share['share']:.2%} ({share['own_s']:.3f} s of {share['steps_s']:.3f} s)\n\n"
                 + "\n".join(f"## sorted by {k}\n{v}" for k, v in r["profile"].items())
             )
-            profiles[name] = str(path.name)
-    for r in runs:
-        r.pop("step_ms", None)
+            profiles[mode] = {"file": path.name, "streams": args.profile, **share}
+            log(f"{mode}: plugin's own share of a decode step {share['share']:.2%} (cProfile)")
     payload = result_envelope(
         "overhead",
         {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        engines=configs,
-        engine_facts=engine_facts(workers),
-        engine_start_s={n: w.ready["start_s"] for n, w in workers.items() if w.ready},
+        engines=configs_by_mode,
+        engine_facts=facts,
+        engine_start_s=start_s,
         prompt_lens=lens,
         prefill=prefill,
         target_ratio=TARGET,
@@ -208,55 +247,57 @@ def run(args: argparse.Namespace, pool: EnginePool) -> dict[str, Any]:
     return summary
 
 
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Tokens/s per engine and the paired estimates of one mode and stream count."""
+    by = {}
+    for r in runs:
+        by.setdefault(r["engine"], {})[r["round"]] = r
+    rounds = sorted(by["plugin"])
+    s: dict[str, Any] = {}
+    for name, rs in by.items():
+        tokens = sum(r["tokens"] for r in rs.values())
+        s[f"{name}_tok_s"] = tokens / sum(r["decode_s"] for r in rs.values())
+    vanilla_s = [by["vanilla"][k]["decode_s"] for k in rounds]
+    # Same tokens in every engine's round: a ratio of times is the inverse ratio of tokens/s.
+    s["plugin_vs_vanilla"] = paired_ratio(vanilla_s, [by["plugin"][k]["decode_s"] for k in rounds])
+    s["meets_target"] = s["plugin_vs_vanilla"]["ratio"] >= TARGET
+    if "control" in by:
+        s["control_vs_vanilla"] = paired_ratio(
+            vanilla_s, [by["control"][k]["decode_s"] for k in rounds]
+        )
+    return s
+
+
+def fmt_ci(e: dict[str, Any]) -> str:
+    return f"{e['ratio']:.3f} [{e['ci95'][0]:.3f}, {e['ci95'][1]:.3f}]"
+
+
 def plot(summary: dict[str, Any], path: Path, cached: int) -> None:
     pyplot = plt()
-    fig, (ax1, ax2) = pyplot.subplots(1, 2, figsize=(11, 4))
-    xs = list(summary)
-    med = [summary[s]["ratio"]["median"] for s in xs]
-    lo = [summary[s]["ratio"]["median"] - summary[s]["ratio"]["min"] for s in xs]
-    hi = [summary[s]["ratio"]["max"] - summary[s]["ratio"]["median"] for s in xs]
-    has_control = all("control_ratio" in summary[s] for s in xs)
-    width = 0.4 if has_control else 0.8
-    pos = list(range(len(xs)))
-    ax1.bar(
-        [p - width / 2 * has_control for p in pos],
-        med,
-        width,
-        yerr=[lo, hi],
-        capsize=5,
-        color="tab:blue",
-        label="plugin / vanilla",
-    )
-    if has_control:
-        c = [summary[s]["control_ratio"] for s in xs]
-        ax1.bar(
-            [p + width / 2 for p in pos],
-            [x["median"] for x in c],
-            width,
-            yerr=[[x["median"] - x["min"] for x in c], [x["max"] - x["median"] for x in c]],
-            capsize=5,
-            color="tab:gray",
-            label="control: vanilla B / vanilla",
-        )
-    ax1.set_xticks(pos, xs)
-    ax1.axhline(1.0, color="k", lw=0.8)
-    ax1.axhline(TARGET, color="tab:red", ls="--", lw=1, label=f"target {TARGET}")
-    lows = [summary[s][k]["min"] for s in xs for k in ("ratio", "control_ratio") if k in summary[s]]
-    highs = [
-        summary[s][k]["max"] for s in xs for k in ("ratio", "control_ratio") if k in summary[s]
-    ]
-    ax1.set_ylim(min(0.8, min(lows) - 0.02), max(1.1, max(highs) + 0.02))
-    ax1.set_xlabel("concurrent streams")
-    ax1.set_ylabel("decode tok/s, plugin / vanilla")
-    ax1.set_title(f"Overhead (median, min-max), ~{cached} cached tok/stream")
-    ax1.legend()
-    for name, color in (("vanilla", "tab:gray"), ("plugin", "tab:blue")):
-        ys = [summary[s][f"{name}_tok_s"]["median"] for s in xs]
-        ax2.plot(xs, ys, "o-", color=color, label=name)
-    ax2.set_xlabel("concurrent streams")
-    ax2.set_ylabel("aggregate decode tok/s (median)")
-    ax2.set_yscale("log")
-    ax2.legend()
+    fig, axes = pyplot.subplots(1, len(summary), figsize=(5.5 * len(summary), 4), squeeze=False)
+    for ax, (mode, by_streams) in zip(axes[0], summary.items(), strict=True):
+        xs = list(by_streams)
+        keys = [("plugin_vs_vanilla", "plugin / vanilla", "tab:blue")]
+        if all("control_vs_vanilla" in by_streams[x] for x in xs):
+            keys.append(("control_vs_vanilla", "control (vanilla slowed 1 %) / vanilla", "gray"))
+        width = 0.8 / len(keys)
+        for j, (key, label, color) in enumerate(keys):
+            est = [by_streams[x][key] for x in xs]
+            mid = [e["ratio"] for e in est]
+            err = [
+                [e["ratio"] - e["ci95"][0] for e in est],
+                [e["ci95"][1] - e["ratio"] for e in est],
+            ]
+            pos = [i + (j - (len(keys) - 1) / 2) * width for i in range(len(xs))]
+            ax.bar(pos, mid, width, yerr=err, capsize=4, color=color, label=label)
+        ax.set_xticks(range(len(xs)), xs)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.axhline(TARGET, color="tab:red", ls="--", lw=1, label=f"target {TARGET}")
+        ax.set_ylim(0.95, 1.05)
+        ax.set_xlabel("concurrent streams")
+        ax.set_ylabel("decode tok/s ratio (95 % interval)")
+        ax.set_title(f"{mode}: ~{cached} cached tokens per stream")
+        ax.legend(fontsize=8)
     save_plot(fig, path)
 
 

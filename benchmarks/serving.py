@@ -1,16 +1,18 @@
 """6. Serving: ``vllm bench serve`` against ``vllm serve`` with and without the plugin's flags.
 
-    .venv/bin/python benchmarks/serving.py            # full: 8 x (128 in, 512 out), 2 repeats
-    .venv/bin/python benchmarks/serving.py --quick
+    .venv/bin/python benchmarks/serving.py            # full: 8 x (128 in, 512 out), 2 repeats,
+                                                      # compiled and eager
+    .venv/bin/python benchmarks/serving.py --quick    # eager only
 
 Two OpenAI servers start side by side on 127.0.0.1 (free ports), identical but for
 ``--sink-tokens 4 --window-tokens W`` on one of them; the benchmark client then runs against
 each in turn, alternating the order over repeats, on a long-output workload (random prompts of
 ``--input-len`` tokens, ``--output-len`` generated tokens with ``ignore_eos``, ``--concurrency``
 requests in flight). Reported per server: output throughput, TTFT and inter-token latency (ITL)
-from vLLM's own client, and the plugin / vanilla ratios with their spread over repeats. Servers
-are killed with their process groups at the end. Writes ``results.json``, ``runs.csv``,
-``serving.png`` and the client's raw JSON per run under ``raw/``.
+from vLLM's own client, and the plugin / vanilla ratios with their spread over repeats. The full
+run does this in vLLM's default compiled mode, then with ``--enforce-eager`` (a pair of servers
+each). Servers are killed with their process groups at the end. Writes ``results.json``,
+``runs.csv``, ``serving.png`` and the client's raw JSON per run under ``raw/``.
 """
 
 from __future__ import annotations
@@ -69,7 +71,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-prompts", type=int, default=None)
     parser.add_argument("--concurrency", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--modes", nargs="+", choices=("compiled", "eager"), default=None)
     args = finish_engine_args(parser.parse_args(argv))
+    if args.modes is None:
+        args.modes = (
+            ["eager" if args.eager else "compiled"] if args.quick else ["compiled", "eager"]
+        )
     defaults = (
         {"input_len": 32, "output_len": 64, "num_prompts": 2, "concurrency": 2, "repeats": 1}
         if args.quick
@@ -92,7 +99,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 class Server:
     """One ``vllm serve`` in its own process group."""
 
-    def __init__(self, name: str, extra: list[str], args: argparse.Namespace, logs: Path):
+    def __init__(
+        self, name: str, extra: list[str], args: argparse.Namespace, logs: Path, eager: bool
+    ):
         from vllm_sink.assets import default_model_dir
 
         self.name = name
@@ -103,7 +112,8 @@ class Server:
         cmd = [VLLM, "serve", str(default_model_dir()), "--served-model-name", SERVED,
                "--host", "127.0.0.1", "--port", str(self.port),
                "--max-model-len", str(args.max_model_len), "--block-size", "32",
-               "--enforce-eager", "--no-enable-prefix-caching", "--seed", "0", *extra]  # fmt: skip
+               *(["--enforce-eager"] if eager else []),
+               "--no-enable-prefix-caching", "--seed", "0", *extra]  # fmt: skip
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": f"{args.kv_space:g}",
                "VLLM_NO_USAGE_STATS": "1", "TOKENIZERS_PARALLELISM": "false",
                "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}  # fmt: skip
@@ -150,25 +160,50 @@ def bench(server: Server, args: argparse.Namespace, raw: Path, tag: str, seed: i
 
 def run(args: argparse.Namespace, pool: EnginePool | None = None) -> dict[str, Any]:
     """``pool`` is unused (servers are their own processes); kept for ``run_all.py``."""
+    write_command(args.out)
+    runs: list[dict[str, Any]] = []
+    summary: dict[str, Any] = {}
+    commands: dict[str, Any] = {}
+    start: dict[str, Any] = {}
+    for mode in args.modes:
+        mode_runs, commands[mode], start[mode], summary[mode] = run_mode(args, mode)
+        runs += mode_runs
+    payload = result_envelope(
+        "serving",
+        {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        servers=commands,
+        server_start_s=start,
+        summary=summary,
+        runs=runs,
+    )
+    write_json(args.out / "results.json", payload)
+    write_csv(args.out / "runs.csv", [{k: v for k, v in r.items() if k != "command"} for r in runs])
+    plot(summary, args.out / "serving.png")
+    return summary
+
+
+def run_mode(args: argparse.Namespace, mode: str) -> tuple[list, dict, dict, dict[str, Any]]:
+    """A plugin and a vanilla server in ``mode``, the client against each in turn."""
     from tqdm import tqdm
 
-    write_command(args.out)
     flags = ["--sink-tokens", str(args.sinks), "--window-tokens", str(args.window)]
     logs = args.out / "logs"
+    eager = mode == "eager"
     servers = {
-        "plugin": Server("plugin", flags, args, logs),
-        "vanilla": Server("vanilla", [], args, logs),
+        "plugin": Server(f"{mode}-plugin", flags, args, logs, eager),
+        "vanilla": Server(f"{mode}-vanilla", [], args, logs, eager),
     }
     runs: list[dict[str, Any]] = []
     try:
         start = {n: s.wait_healthy() for n, s in servers.items()}
-        log(f"servers healthy after {max(start.values()):.0f}s")
+        log(f"{mode} servers healthy after {max(start.values()):.0f}s")
         total = 2 * args.repeats
-        with tqdm(total=total, desc="serving", unit="run", file=sys.stderr) as bar:
+        with tqdm(total=total, desc=f"serving {mode}", unit="run", file=sys.stderr) as bar:
             for rep in range(args.repeats):
                 for name in alternate(rep, 0, ["plugin", "vanilla"]):
-                    m = bench(servers[name], args, args.out / "raw", f"{name}_{rep}", seed=rep)
-                    runs.append({"repeat": rep, "server": name, **m})
+                    tag = f"{mode}_{name}_{rep}"
+                    m = bench(servers[name], args, args.out / "raw", tag, seed=rep)
+                    runs.append({"mode": mode, "repeat": rep, "server": name, **m})
                     bar.set_postfix(server=name, tok_s=f"{m['output_throughput']:.1f}")
                     bar.update()
     finally:
@@ -190,22 +225,12 @@ def run(args: argparse.Namespace, pool: EnginePool | None = None) -> dict[str, A
         ]
         summary[f"ratio_{k}"] = spread(a / b for a, b in pairs if a and b)
     log(
-        f"plugin/vanilla output throughput {fmt_spread(summary['ratio_output_throughput'])}, "
+        f"{mode}: plugin/vanilla output throughput "
+        f"{fmt_spread(summary['ratio_output_throughput'])}, "
         f"median ITL {fmt_spread(summary['ratio_median_itl_ms'])}, "
         f"median TTFT {fmt_spread(summary['ratio_median_ttft_ms'])}"
     )
-    payload = result_envelope(
-        "serving",
-        {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        servers={n: s.cmd for n, s in servers.items()},
-        server_start_s=start,
-        summary=summary,
-        runs=runs,
-    )
-    write_json(args.out / "results.json", payload)
-    write_csv(args.out / "runs.csv", [{k: v for k, v in r.items() if k != "command"} for r in runs])
-    plot(summary, args.out / "serving.png")
-    return summary
+    return runs, {n: s.cmd for n, s in servers.items()}, start, summary
 
 
 def plot(summary: dict[str, Any], path: Path) -> None:
@@ -214,11 +239,12 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     panels = [("output_throughput", "output tok/s"), ("median_ttft_ms", "median TTFT (ms)"),
               ("median_itl_ms", "median ITL (ms)")]  # fmt: skip
     for ax, (key, label) in zip(axes, panels, strict=True):
-        names = ["vanilla", "plugin"]
-        med = [summary[n][key]["median"] for n in names]
-        lo = [m - summary[n][key]["min"] for m, n in zip(med, names, strict=True)]
-        hi = [summary[n][key]["max"] - m for m, n in zip(med, names, strict=True)]
-        ax.bar(names, med, yerr=[lo, hi], capsize=4, color=["tab:gray", "tab:blue"])
+        names = [(m, n) for m in summary for n in ("vanilla", "plugin")]
+        med = [summary[m][n][key]["median"] for m, n in names]
+        lo = [x - summary[m][n][key]["min"] for x, (m, n) in zip(med, names, strict=True)]
+        hi = [summary[m][n][key]["max"] - x for x, (m, n) in zip(med, names, strict=True)]
+        colors = ["tab:gray" if n == "vanilla" else "tab:blue" for _, n in names]
+        ax.bar([f"{n}\n{m}" for m, n in names], med, yerr=[lo, hi], capsize=4, color=colors)
         ax.set_title(label)
     fig.suptitle("vllm bench serve: vllm serve with and without --sink-tokens/--window-tokens")
     save_plot(fig, path)

@@ -34,37 +34,62 @@ def _table(header: list[str], rows: list[list[Any]], align: str | None = None) -
     return "\n".join([_row(header), _row(sep), *(_row(r) for r in rows)])
 
 
+def _mode(settings: dict[str, Any]) -> str:
+    """The vLLM mode a result ran in (results from before the mode was recorded ran eager)."""
+    if "modes" in settings:
+        return " and ".join(settings["modes"])
+    return "eager" if settings.get("eager", True) else "compiled"
+
+
 def _machine(d: dict[str, Any]) -> str:
     m = d["machine"]
+    bf16 = m.get("cpu_bf16", "bf16 support not recorded")
     return (
-        f"_{m['cpu_model']}, {m['cpus_usable']} cores, torch {m['torch']}, vLLM {m['vllm']}, "
+        f"_{m['cpu_model']} ({bf16}), {m['cpus_usable']} cores, {_mode(d['settings'])}, "
+        f"torch {m['torch']}, vLLM {m['vllm']}, "
         f"commit {str(m['git_commit'])[:10]}{' (dirty)' if m['git_dirty'] else ''}, "
         f"{m['started_utc']}_"
     )
 
 
+def _ci(e: dict[str, Any]) -> str:
+    return f"{e['ratio']:.3f} [{e['ci95'][0]:.3f}, {e['ci95'][1]:.3f}]"
+
+
 def overhead(d: dict[str, Any]) -> str:
     rows = []
-    for streams, s in d["summary"].items():
-        rows.append(
-            [
-                streams,
-                fmt_spread(s["vanilla_tok_s"], 1),
-                fmt_spread(s["plugin_tok_s"], 1),
-                f"**{fmt_spread(s['ratio'])}**",
-                fmt_spread(s["ratio_of_median_steps"]),
-                fmt_spread(s["control_ratio"]) if "control_ratio" in s else "-",
-            ]
-        )
+    for mode, by_streams in d["summary"].items():
+        for streams, s in by_streams.items():
+            est = s["plugin_vs_vanilla"]
+            control = s.get("control_vs_vanilla")
+            rows.append(
+                [
+                    mode,
+                    streams,
+                    f"{s['vanilla_tok_s']:.1f}",
+                    f"{s['plugin_tok_s']:.1f}",
+                    f"**{_ci(est)}**",
+                    f"±{est['half_width']:.1%}",
+                    _ci(control) if control else "-",
+                ]
+            )
     head = [
+        "mode",
         "streams",
         "vanilla tok/s",
         "plugin tok/s",
-        "plugin / vanilla",
-        "ratio of median steps",
-        "control: vanilla B / vanilla",
+        "plugin / vanilla [95 % interval]",
+        "half-width",
+        "control: vanilla slowed 1 % / vanilla",
     ]
-    return _table(head, rows)
+    table = _table(head, rows, "llrrrrr")
+    shares = [
+        f"{mode}: {p['share']:.1%} of a decode step at {p['streams']} streams"
+        for mode, p in d.get("profiles", {}).items()
+    ]
+    if shares:
+        table += "\n\nPlugin's own share (cProfile, an upper bound): " + "; ".join(shares) + "."
+    return table
 
 
 def long_stream(d: dict[str, Any]) -> str:
@@ -195,20 +220,22 @@ def peer(d: dict[str, Any]) -> str:
 
 
 def serving(d: dict[str, Any]) -> str:
-    s = d["summary"]
     keys = [
         ("output_throughput", "output tok/s", 1),
         ("median_ttft_ms", "median TTFT ms", 0),
         ("median_itl_ms", "median ITL ms", 1),
         ("p99_itl_ms", "p99 ITL ms", 0),
     ]
-    rows = [[label, fmt_spread(s["vanilla"][k], dg), fmt_spread(s["plugin"][k], dg),
-             f"**{fmt_spread(s[f'ratio_{k}'])}**"] for k, label, dg in keys]  # fmt: skip
+    # Results from before the modes were recorded ran eager, one summary.
+    by_mode = d["summary"] if "modes" in d["settings"] else {"eager": d["summary"]}
+    rows = [[mode, label, fmt_spread(s["vanilla"][k], dg), fmt_spread(s["plugin"][k], dg),
+             f"**{fmt_spread(s[f'ratio_{k}'])}**"]
+            for mode, s in by_mode.items() for k, label, dg in keys]  # fmt: skip
     a = d["settings"]
     return (
         f"{a['num_prompts']} requests, {a['input_len']} tokens in, {a['output_len']} out, "
         f"{a['concurrency']} in flight.\n\n"
-        + _table(["metric", "vanilla", "plugin", "plugin / vanilla"], rows)
+        + _table(["mode", "metric", "vanilla", "plugin", "plugin / vanilla"], rows, "llrrr")
     )
 
 

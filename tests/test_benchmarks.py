@@ -14,6 +14,7 @@ install); without it the peer is skipped and ``test_peer_llamacpp`` reports the 
 from __future__ import annotations
 
 import csv
+import importlib
 import importlib.util
 import json
 import math
@@ -187,42 +188,66 @@ def test_outputs_well_formed(quick_root, name):
 def test_overhead_numbers(quick_root):
     data = _results(quick_root, "overhead")
     a, summary, runs = data["settings"], data["summary"], data["runs"]
-    engines = _check_engines(data, a["sinks"], a["window"])
-    assert set(engines) == {"plugin", "vanilla"}  # the A/A control is for the full run
+    assert a["modes"] == ["eager"] and list(summary) == ["eager"]  # compiled: the full run
+    per_mode = {"benchmark": "overhead", "engines": data["engines"]["eager"],
+                "engine_facts": data["engine_facts"]["eager"]}  # fmt: skip
+    engines = _check_engines(per_mode, a["sinks"], a["window"])
+    assert set(engines) == {"plugin", "vanilla"}  # the slowed control is for the full run
     _only_sink_differs(engines["plugin"], engines["vanilla"])
-    assert sorted(map(int, summary)) == a["streams"] == [1, 4]  # 16 and 64: full run only
+    assert all(e["eager"] for e in engines.values())
+    assert all(f["compile_mode"] == "NONE" for f in per_mode["engine_facts"].values())
+    assert sorted(map(int, summary["eager"])) == a["streams"] == [1, 4]  # 16, 64: full run
     bound = _bound(a["sinks"], a["window"])
     lens = data["prompt_lens"]
     assert lens["plugin"] > a["window"] + PAGE  # plugin streams evict from the first step
+    assert lens["decoded"] == a["rounds"] * a["steps"] + 1
     for streams in a["streams"]:
         by = {
-            e: {r["repeat"]: r for r in runs if r["engine"] == e and r["streams"] == streams}
+            e: {r["round"]: r for r in runs if r["engine"] == e and r["streams"] == streams}
             for e in engines
         }
-        for e, reps in by.items():
-            assert sorted(reps) == list(range(a["repeats"])), (e, streams, sorted(reps))
-            for r in reps.values():
-                # Every step of the segment decoded one token for every stream.
+        for e, rounds in by.items():
+            assert sorted(rounds) == list(range(a["rounds"])), (e, streams, sorted(rounds))
+            for r in rounds.values():
+                # Every step of the round decoded one token for every stream.
                 assert r["steps"] == a["steps"] and r["tokens"] == streams * a["steps"], r
-                assert r["tok_s"] == pytest.approx(r["tokens"] / r["decode_s"]), r
                 assert r["preemptions"] == 0, r
         for r in by["plugin"].values():
             # Past the window, each plugin stream holds between sb + ceil(W/bs) and the bound.
             assert streams * (bound - 1) <= r["pages_used"] <= streams * bound, (r, bound)
         for r in by["vanilla"].values():
             assert r["pages_used"] >= streams * math.ceil(lens["vanilla"] / PAGE), r
-        s = summary[str(streams)]
-        _same_spread(s["plugin_tok_s"], [r["tok_s"] for r in by["plugin"].values()])
-        _same_spread(s["vanilla_tok_s"], [r["tok_s"] for r in by["vanilla"].values()])
-        _same_spread(
-            s["ratio"], [by["plugin"][k]["tok_s"] / by["vanilla"][k]["tok_s"] for k in by["plugin"]]
+        s = summary["eager"][str(streams)]
+        for e in engines:
+            rs = by[e].values()
+            want = sum(r["tokens"] for r in rs) / sum(r["decode_s"] for r in rs)
+            assert s[f"{e}_tok_s"] == pytest.approx(want)
+        # The estimate: geometric mean of the rounds' paired time ratios, t interval on logs.
+        logs = np.log([by["vanilla"][k]["decode_s"] / by["plugin"][k]["decode_s"]
+                       for k in range(a["rounds"])])  # fmt: skip
+        est = s["plugin_vs_vanilla"]
+        assert est["n"] == a["rounds"]
+        assert est["ratio"] == pytest.approx(math.exp(logs.mean()))
+        half = (
+            _bench_module("overhead").t_quantile(len(logs) - 1)
+            * logs.std(ddof=1)
+            / math.sqrt(len(logs))
         )
-        _same_spread(
-            s["ratio_of_median_steps"],
-            [by["vanilla"][k]["step_ms_median"] / by["plugin"][k]["step_ms_median"]
-             for k in by["plugin"]],
-        )  # fmt: skip
-        assert s["meets_target"] == (s["ratio"]["median"] >= data["target_ratio"])
+        assert est["ci95"] == pytest.approx([math.exp(logs.mean() - half),
+                                             math.exp(logs.mean() + half)])  # fmt: skip
+        assert est["ci95"][0] < est["ratio"] < est["ci95"][1]
+        assert s["meets_target"] == (est["ratio"] >= data["target_ratio"])
+
+
+def test_overhead_interval_method():
+    """The t quantile is the table's, and the paired estimate is exact on known ratios."""
+    overhead = _bench_module("overhead")
+    table = {5: 2.5706, 10: 2.2281, 30: 2.0423, 63: 1.9983}
+    for df, t in table.items():
+        assert overhead.t_quantile(df) == pytest.approx(t, abs=3e-3 if df == 5 else 2e-4)
+    est = overhead.paired_ratio([1.01] * 5 + [1.01 * 1.001], [1.0] * 6)
+    assert est["ratio"] == pytest.approx(1.01 * 1.001 ** (1 / 6))
+    assert est["ci95"][0] < est["ratio"] < est["ci95"][1] and est["half_width"] < 0.002
 
 
 def test_long_stream_numbers(quick_root):
@@ -328,49 +353,55 @@ def test_recompute_numbers(quick_root):
 
 def test_serving_numbers(quick_root):
     data = _results(quick_root, "serving")
-    a, summary, runs = data["settings"], data["summary"], data["runs"]
-    # The two servers differ in the plugin's flags alone, and only the plugin's one enabled it.
-    servers = data["servers"]
-    flags = ["--sink-tokens", str(a["sinks"]), "--window-tokens", str(a["window"])]
-    plugin_cmd, vanilla_cmd = servers["plugin"], servers["vanilla"]
-    assert plugin_cmd[-4:] == flags and not {"--sink-tokens", "--window-tokens"} & set(vanilla_cmd)
-    port = plugin_cmd.index("--port") + 1
-    assert (
-        plugin_cmd[:port] + plugin_cmd[port + 1 : -4]
-        == vanilla_cmd[:port] + vanilla_cmd[port + 1 :]
-    )
-    logs = quick_root / "serving" / "logs"
-    assert "vllm_sink enabled" in (logs / "server-plugin.log").read_text(errors="replace")
-    # The vanilla server names the plugin only in vLLM's notice of the opt-in endpoint plugin.
-    vanilla_log = (logs / "server-vanilla.log").read_text(errors="replace").splitlines()
-    mentions = [line for line in vanilla_log if "vllm_sink" in line]
-    assert all("Found endpoint plugin(s) ['vllm_sink_state']" in line for line in mentions)
-    assert summary["plugin_enabled_in_log"] is True
-    # Every run served the whole workload; its figures are the client's own.
-    assert sorted((r["server"], r["repeat"]) for r in runs) == sorted(
-        (n, k) for n in ("plugin", "vanilla") for k in range(a["repeats"])
-    )
-    for run in runs:
-        assert run["completed"] == a["num_prompts"], run
-        assert run["total_output_tokens"] == a["num_prompts"] * a["output_len"], run  # ignore_eos
-        assert run["output_throughput"] == pytest.approx(
-            run["total_output_tokens"] / run["duration"]
+    a, runs = data["settings"], data["runs"]
+    assert a["modes"] == ["eager"]  # the quick run; the full one adds vLLM's compiled mode
+    for mode in a["modes"]:
+        summary = data["summary"][mode]
+        # The two servers differ in the plugin's flags alone, and only the plugin's enabled it.
+        servers = data["servers"][mode]
+        flags = ["--sink-tokens", str(a["sinks"]), "--window-tokens", str(a["window"])]
+        plugin_cmd, vanilla_cmd = servers["plugin"], servers["vanilla"]
+        assert plugin_cmd[-4:] == flags
+        assert not {"--sink-tokens", "--window-tokens"} & set(vanilla_cmd)
+        assert ("--enforce-eager" in plugin_cmd) == (mode == "eager")
+        port = plugin_cmd.index("--port") + 1
+        assert (
+            plugin_cmd[:port] + plugin_cmd[port + 1 : -4]
+            == vanilla_cmd[:port] + vanilla_cmd[port + 1 :]
         )
-        raw = json.loads(
-            (quick_root / "serving" / "raw" / f"{run['server']}_{run['repeat']}.json").read_text()
+        logs = quick_root / "serving" / "logs"
+        plugin_log = (logs / f"server-{mode}-plugin.log").read_text(errors="replace")
+        assert "vllm_sink enabled" in plugin_log
+        # The vanilla server names the plugin only in vLLM's notice of the opt-in endpoint plugin.
+        vanilla_log = (logs / f"server-{mode}-vanilla.log").read_text(errors="replace")
+        mentions = [line for line in vanilla_log.splitlines() if "vllm_sink" in line]
+        assert all("Found endpoint plugin(s) ['vllm_sink_state']" in line for line in mentions)
+        assert summary["plugin_enabled_in_log"] is True
+        # Every run served the whole workload; its figures are the client's own.
+        mode_runs = [r for r in runs if r["mode"] == mode]
+        assert sorted((r["server"], r["repeat"]) for r in mode_runs) == sorted(
+            (n, k) for n in ("plugin", "vanilla") for k in range(a["repeats"])
         )
-        assert {k: raw[k] for k in run if k in raw} == {k: run[k] for k in run if k in raw}
-        assert raw["failed"] == 0 and raw["max_concurrency"] == a["concurrency"], raw
-    keys = ["output_throughput", "median_ttft_ms", "mean_ttft_ms", "median_itl_ms", "mean_itl_ms",
-            "p99_itl_ms"]  # fmt: skip
-    by = {(r["server"], r["repeat"]): r for r in runs}
-    for k in keys:
-        for name in ("plugin", "vanilla"):
-            _same_spread(summary[name][k], [by[name, rep][k] for rep in range(a["repeats"])])
-        _same_spread(
-            summary[f"ratio_{k}"],
-            [by["plugin", rep][k] / by["vanilla", rep][k] for rep in range(a["repeats"])],
-        )
+        for run in mode_runs:
+            assert run["completed"] == a["num_prompts"], run
+            assert run["total_output_tokens"] == a["num_prompts"] * a["output_len"], run
+            assert run["output_throughput"] == pytest.approx(
+                run["total_output_tokens"] / run["duration"]
+            )
+            tag = f"{mode}_{run['server']}_{run['repeat']}"
+            raw = json.loads((quick_root / "serving" / "raw" / f"{tag}.json").read_text())
+            assert {k: raw[k] for k in run if k in raw} == {k: run[k] for k in run if k in raw}
+            assert raw["failed"] == 0 and raw["max_concurrency"] == a["concurrency"], raw
+        keys = ["output_throughput", "median_ttft_ms", "mean_ttft_ms", "median_itl_ms",
+                "mean_itl_ms", "p99_itl_ms"]  # fmt: skip
+        by = {(r["server"], r["repeat"]): r for r in mode_runs}
+        for k in keys:
+            for name in ("plugin", "vanilla"):
+                _same_spread(summary[name][k], [by[name, rep][k] for rep in range(a["repeats"])])
+            _same_spread(
+                summary[f"ratio_{k}"],
+                [by["plugin", rep][k] / by["vanilla", rep][k] for rep in range(a["repeats"])],
+            )
 
 
 def test_conversation_numbers(quick_root):
@@ -701,6 +732,14 @@ def test_peer_llamacpp(quick_root):
         ratios = [by["plugin"][k]["tok_s"] / by["llama.cpp"][k]["tok_s"] for k in by["plugin"]]
         _same_spread(s["ratio_plugin_over_llama_cpp"], ratios)
         assert max(s["llama_cpp_context_shifts"]) > 0  # the context did shift
+
+
+def _bench_module(name: str):
+    sys.path.insert(0, str(BENCH))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCH))
 
 
 def test_tables_render(quick_root):
