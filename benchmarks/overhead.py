@@ -5,8 +5,9 @@
 
 Method. The engines run side by side in their own processes (same settings but for the plugin)
 and stay up for the whole run. For each mode (vLLM's default compiled mode, and eager) and
-stream count each engine prefills its streams once; then ``--rounds`` rounds each run
-``--steps`` decode steps on every engine in turn, the order rotated every round. A round's
+stream count each engine prefills its streams; then ``--rounds`` rounds each run ``--steps``
+decode steps on every engine in turn, the order rotated every round; ``--blocks`` times (fresh
+streams each block, so vanilla's streams stay short of ``max_model_len``). A round's
 ratio is the vanilla engine's time for its steps over the plugin's (the tokens are the same,
 one per stream and step), so whatever the machine does on a scale longer than a round (other
 jobs, frequency, drift) hits both engines of a pair alike and cancels in it. The estimate is
@@ -72,8 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_engine_args(parser, "overhead")
     parser.add_argument("--streams", type=int, nargs="+", default=None)
     parser.add_argument("--modes", nargs="+", choices=MODES, default=None)
-    parser.add_argument("--steps", type=int, default=2, help="decode steps per engine and round")
-    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None, help="decode steps per engine and round")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds per block")
+    parser.add_argument("--blocks", type=int, default=None, help="blocks of fresh streams")
     parser.add_argument(
         "--inject", type=float, default=0.01, help="the control's injected cost (0.01: 1 %%)"
     )
@@ -91,14 +93,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.streams = [1, 4] if args.quick else [1, 4, 16, 64]
     if args.modes is None:
         args.modes = ["eager" if args.eager else "compiled"] if args.quick else list(MODES)
-    if args.rounds is None:
-        args.rounds = 6 if args.quick else 64
+    for key, quick, full in (("rounds", 6, 32), ("blocks", 1, 8), ("steps", 2, 4)):
+        if getattr(args, key) is None:
+            setattr(args, key, quick if args.quick else full)
     if args.profile is None:
         args.profile = 0 if args.quick else 16
     if args.control is None:
         args.control = not args.quick
-    if args.rounds < 6 or args.steps < 1:
-        parser.error("--rounds must be at least 6 (the t quantile) and --steps at least 1")
+    if args.rounds * args.blocks < 6 or min(args.steps, args.blocks) < 1:
+        parser.error("need at least 6 rounds in all (the t quantile), 1 step and 1 block")
     lens = prompt_lens(args)
     if lens["vanilla"] < 1 or lens["vanilla"] + 31 + lens["decoded"] > args.max_model_len:
         parser.error(
@@ -183,25 +186,27 @@ def run(args: argparse.Namespace, pool: EnginePool) -> dict[str, Any]:
         workers = dict(zip(configs, pool.start(*configs.values()), strict=True))
         facts[mode] = engine_facts(workers)
         start_s[mode] = {n: w.ready["start_s"] for n, w in workers.items() if w.ready}
-        total = args.rounds * len(args.streams) * len(workers)
+        total = args.blocks * args.rounds * len(args.streams) * len(workers)
         with tqdm(total=total, desc=f"overhead {mode}", unit="run", file=sys.stderr) as bar:
             for idx, streams in enumerate(args.streams):
-                for name, w in workers.items():
-                    prompt = lens["plugin" if name == "plugin" else "vanilla"]
-                    prefill[f"{mode}_{name}_{streams}"] = w.call(
-                        "open", streams=streams, prompt_len=prompt, max_tokens=max_tokens
-                    )
-                    w.call("advance", steps=1)  # first-use costs out of the timing
-                for rnd in range(args.rounds):
-                    for name in rotation(rnd, idx, list(workers)):
-                        r = workers[name].call("advance", steps=args.steps)
-                        r.pop("step_ms", None)
-                        runs.append(
-                            {"mode": mode, "streams": streams, "round": rnd, "engine": name, **r}
+                for block in range(args.blocks):
+                    for name, w in workers.items():
+                        prompt = lens["plugin" if name == "plugin" else "vanilla"]
+                        prefill[f"{mode}_{name}_{streams}_{block}"] = w.call(
+                            "open", streams=streams, prompt_len=prompt, max_tokens=max_tokens
                         )
-                        bar.update()
-                for w in workers.values():
-                    w.call("close")
+                        w.call("advance", steps=1)  # first-use costs out of the timing
+                    for rnd in range(args.rounds):
+                        for name in rotation(rnd, idx + block, list(workers)):
+                            r = workers[name].call("advance", steps=args.steps)
+                            r.pop("step_ms", None)
+                            runs.append(
+                                {"mode": mode, "streams": streams, "block": block,
+                                 "round": block * args.rounds + rnd, "engine": name, **r}
+                            )  # fmt: skip
+                            bar.update()
+                    for w in workers.values():
+                        w.call("close")
         summary[mode] = {}
         for streams in args.streams:
             s = summarize([r for r in runs if r["mode"] == mode and r["streams"] == streams])

@@ -207,7 +207,8 @@ def test_overhead_numbers(quick_root):
             for e in engines
         }
         for e, rounds in by.items():
-            assert sorted(rounds) == list(range(a["rounds"])), (e, streams, sorted(rounds))
+            want = list(range(a["rounds"] * a["blocks"]))
+            assert sorted(rounds) == want, (e, streams, sorted(rounds))
             for r in rounds.values():
                 # Every step of the round decoded one token for every stream.
                 assert r["steps"] == a["steps"] and r["tokens"] == streams * a["steps"], r
@@ -224,9 +225,9 @@ def test_overhead_numbers(quick_root):
             assert s[f"{e}_tok_s"] == pytest.approx(want)
         # The estimate: geometric mean of the rounds' paired time ratios, t interval on logs.
         logs = np.log([by["vanilla"][k]["decode_s"] / by["plugin"][k]["decode_s"]
-                       for k in range(a["rounds"])])  # fmt: skip
+                       for k in range(a["rounds"] * a["blocks"])])  # fmt: skip
         est = s["plugin_vs_vanilla"]
-        assert est["n"] == a["rounds"]
+        assert est["n"] == a["rounds"] * a["blocks"]
         assert est["ratio"] == pytest.approx(math.exp(logs.mean()))
         half = (
             _bench_module("overhead").t_quantile(len(logs) - 1)

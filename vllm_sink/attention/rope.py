@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from vllm_sink.attention.sink import SinkCapture, SinkMove
+    from vllm_sink.attention.sink import SinkCapture, SinkStep
 
 
 class SinkRotator:
@@ -53,10 +53,15 @@ class SinkRotator:
         k[: len(keys)], v[: len(values)] = keys, values
         self.pristine[key] = (k, v)
 
-    def moved(self, job: SinkMove) -> tuple[torch.Tensor, torch.Tensor]:
-        """The sink keys rotated to ``job.offset`` and their values, for ``job.slots``."""
-        k, v = self.pristine[job.key]
-        return self.rotate(k, job.offset), v
+    def moved(self, step: SinkStep) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sink keys of every move of ``step``, each rotated to its move's offset, and
+        their values, for ``step.move_slots``: one rotation for all streams moving."""
+        pairs = [self.pristine[m.key] for m in step.moves]
+        if len(pairs) == 1:
+            k, v = pairs[0]
+        else:
+            k, v = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+        return self._rotate(k, *step.move_angles(self.cos_sin)), v
 
     def rotate(self, keys: torch.Tensor, offset: int) -> torch.Tensor:
         """Rotate every key (last dim ``head_size``) by ``offset`` positions."""
@@ -65,6 +70,10 @@ class SinkRotator:
         cos, sin = self.cos_sin[abs(offset)].chunk(2, dim=-1)
         if offset < 0:
             sin = -sin
+        return self._rotate(keys, cos, sin)
+
+    def _rotate(self, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate ``keys`` by the angles whose cos/sin are given (broadcast over the keys)."""
         x = keys.float()
         rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
         if self.is_neox:

@@ -108,6 +108,11 @@ class SinkStep:
     captures: list[SinkCapture] = field(default_factory=list)
     moves: list[SinkMove] = field(default_factory=list)
     rebases: list[WindowRebase] = field(default_factory=list)
+    # Every move of the step at once (made by :meth:`to`): all layers write their moved sinks
+    # in one rotation and one cache write, whatever the number of streams moving.
+    move_slots: torch.Tensor | None = None  # long [sum of sink_len]
+    move_offsets: torch.Tensor | None = None  # long [sum of sink_len]: each slot's offset
+    _move_angles: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return bool(self.loads or self.captures or self.moves or self.rebases)
@@ -118,12 +123,28 @@ class SinkStep:
         def move(t: torch.Tensor) -> torch.Tensor:
             return t.to(device, non_blocking=True)
 
-        return SinkStep(
+        step = SinkStep(
             [SinkLoad(x.key, move(x.slots), x.sink_len) for x in self.loads],
             self.captures,
             [SinkMove(m.key, move(m.slots), m.offset) for m in self.moves],
             [WindowRebase(move(r.slots), r.shift) for r in self.rebases],
         )
+        if self.moves:
+            slots = [m.slots for m in self.moves]
+            counts = torch.tensor([len(x) for x in slots])
+            offsets = torch.tensor([m.offset for m in self.moves])
+            step.move_slots = move(torch.cat(slots))
+            step.move_offsets = move(torch.repeat_interleave(offsets, counts))
+        return step
+
+    def move_angles(self, cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin ``[slots, 1, rotary_dim / 2]`` of each moved slot's offset, from the
+        rotator's table; gathered once per step and table (layers share a table)."""
+        angles = self._move_angles.get(id(cos_sin))
+        if angles is None:
+            cos, sin = cos_sin[self.move_offsets].unsqueeze(1).chunk(2, dim=-1)
+            angles = self._move_angles[id(cos_sin)] = (cos, sin)
+        return angles
 
 
 # ------------------------------------------------------------------------------------ builder
@@ -179,8 +200,9 @@ class SinkAttentionImpl:
                 )
             if step.captures:
                 self.rotator.capture(step.captures, key, value)
-            for move in step.moves:
-                self.write_kv(layer, kv_cache, move.slots, *self.rotator.moved(move))
+            if step.moves:
+                keys, values = self.rotator.moved(step)
+                self.write_kv(layer, kv_cache, step.move_slots, keys, values)
             for rebase in step.rebases:
                 keys, values = self.read_kv(layer, kv_cache, rebase.slots)
                 keys = self.rotator.rotate(keys, rebase.shift)
