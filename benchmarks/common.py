@@ -35,6 +35,13 @@ WORKER = BENCH_DIR / "engine_worker.py"
 REPLY = "@@BENCH "  # prefix of a worker's answer lines on stdout (vLLM logs there too)
 BLOCK_SIZE = 32  # the CPU build of vLLM needs 32-token pages
 
+# vLLM 0.32 on CPU cannot load its own AOT compile cache ("'function' object has no attribute
+# 'finalize_loading'": the CPU's whole-model graph is a plain function), so with AOT compile on
+# every compiled engine compiles from scratch (~75 s here). Off, a compiled engine reuses
+# Inductor's caches and starts in ~16 s; the compiled code is the same. Inherited by every
+# engine process and server a benchmark starts.
+os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
+
 
 # ----------------------------------------------------------------------------- machine details
 
@@ -377,6 +384,12 @@ class EnginePool:
             w.wait_ready()
         return workers
 
+    def stop(self, *configs: EngineConfig) -> None:
+        """Close the workers of ``configs`` (the next ``start`` gets fresh processes)."""
+        for config in configs:
+            if config in self.workers:
+                self.workers.pop(config).close()
+
     def close(self) -> None:
         for w in self.workers.values():
             w.close()
@@ -445,7 +458,7 @@ def finish_engine_args(args: Any) -> Any:
             setattr(args, key, value)
     if args.eager is None:
         # The suite's quick run stays eager: a cold compile of the embedded model costs about
-        # 75 s per engine on 2 cores (vLLM caches it per configuration for later starts).
+        # 45 s per engine on 2 cores (Inductor caches it for later starts: ~16 s).
         args.eager = args.quick
     return args
 

@@ -56,6 +56,14 @@ def _ci(e: dict[str, Any]) -> str:
     return f"{e['ratio']:.3f} [{e['ci95'][0]:.3f}, {e['ci95'][1]:.3f}]"
 
 
+def _unit(est: dict[str, Any]) -> str:
+    """What an overhead interval is taken over (older results: rounds of one process set)."""
+    if est.get("unit") == "block":
+        lo, hi = est["rounds_ci95"]
+        return f"{len(est['blocks'])} process sets (rounds alone: [{lo:.3f}, {hi:.3f}])"
+    return f"{est['n']} rounds, one process set"
+
+
 def overhead(d: dict[str, Any]) -> str:
     rows = []
     for mode, by_streams in d["summary"].items():
@@ -70,6 +78,7 @@ def overhead(d: dict[str, Any]) -> str:
                     f"{s['plugin_tok_s']:.1f}",
                     f"**{_ci(est)}**",
                     f"±{est['half_width']:.1%}",
+                    _unit(est),
                     _ci(control) if control else "-",
                 ]
             )
@@ -80,9 +89,10 @@ def overhead(d: dict[str, Any]) -> str:
         "plugin tok/s",
         "plugin / vanilla [95 % interval]",
         "half-width",
+        "interval over",
         "control: vanilla slowed 1 % / vanilla",
     ]
-    table = _table(head, rows, "llrrrrr")
+    table = _table(head, rows, "llrrrrlr")
     shares = [
         f"{mode}: {p['share']:.1%} of a decode step at {p['streams']} streams"
         for mode, p in d.get("profiles", {}).items()

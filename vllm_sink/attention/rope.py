@@ -17,51 +17,105 @@ if TYPE_CHECKING:
     from vllm_sink.attention.sink import SinkCapture, SinkStep
 
 
+class SinkBank:
+    """The pristine sink keys/values of every stream, for the layers that share one rotary
+    table: one tensor per stream, ``[layers, sink_len, kv_heads, head]``, so that the sink moves
+    of a step rotate every layer's sinks at once (the cost of a move is then one cache write per
+    layer, not a rotation per layer). Entries are keyed by the request's first sink page, unique
+    among live requests; a new owner of that page replaces the entry when it writes (or loads)
+    its own sink tokens.
+    """
+
+    def __init__(self) -> None:
+        self.layers = 0  # members, counted as rotators are bound to it
+        self.entries: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._step: object = None
+        self._fresh: set[int] = set()  # keys (re)allocated in ``_step``
+
+    def entry(
+        self, step: object, key: int, shape: tuple[int, ...], like: torch.Tensor, reset: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``key``'s tensors; new ones (zeros) if it has none, or if ``reset`` and no layer of
+        ``step`` has made them yet (a new owner: the first layer to see it allocates)."""
+        if step is not self._step:
+            self._step, self._fresh = step, set()
+        if key not in self.entries or (reset and key not in self._fresh):
+            full = (self.layers, *shape)
+            self.entries[key] = (like.new_zeros(full), like.new_zeros(full))
+            self._fresh.add(key)
+        return self.entries[key]
+
+
 class SinkRotator:
-    """Keeps a pristine copy of one layer's sink keys/values and re-writes moved sinks.
+    """One layer's view of its :class:`SinkBank`: captures its sink keys/values, re-writes
+    moved sinks.
 
     The copy is taken as the model writes the sink tokens (sink token ``i`` rotated at position
     ``i``). Moving the sinks to offset ``e`` (tokens evicted so far) rotates the pristine keys by
     ``e`` in float32 and writes them through the backend's own cache writer, so the kernel's
     page layout is never assumed: one rounding per move, never a rotation of a rotated value.
-    Entries are keyed by the request's first sink page, unique among live requests; a new owner
-    of that page overwrites the entry when it writes its own sink tokens.
     """
 
-    def __init__(self, head_size: int, rotary_dim: int, is_neox: bool, cos_sin: torch.Tensor):
+    def __init__(
+        self,
+        head_size: int,
+        rotary_dim: int,
+        is_neox: bool,
+        cos_sin: torch.Tensor,
+        bank: SinkBank | None = None,
+    ):
         self.head_size = head_size
         self.rotary_dim = rotary_dim
         self.is_neox = is_neox
         self.cos_sin = cos_sin  # float32 [max_position, rotary_dim]
-        self.pristine: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.bank = bank if bank is not None else SinkBank()
+        self.index = self.bank.layers  # this layer's row in the bank's tensors
+        self.bank.layers += 1
 
-    def capture(self, jobs: list[SinkCapture], key: torch.Tensor, value: torch.Tensor) -> None:
+    @property
+    def pristine(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Every stream's pristine copy (shared by the bank's layers)."""
+        return self.bank.entries
+
+    def capture(
+        self, step: SinkStep, jobs: list[SinkCapture], key: torch.Tensor, value: torch.Tensor
+    ) -> None:
         """Copy the step's sink tokens (``key``/``value``: ``[tokens, kv_heads, head]``)."""
         for job in jobs:
-            if job.dst == 0 or job.key not in self.pristine:
-                shape = (job.sink_len, *key.shape[1:])
-                self.pristine[job.key] = (key.new_zeros(shape), value.new_zeros(shape))
-            k, v = self.pristine[job.key]
-            k[job.dst : job.dst + job.count] = key[job.src : job.src + job.count]
-            v[job.dst : job.dst + job.count] = value[job.src : job.src + job.count]
+            shape = (job.sink_len, *key.shape[1:])
+            k, v = self.bank.entry(step, job.key, shape, key, reset=job.dst == 0)
+            k[self.index, job.dst : job.dst + job.count] = key[job.src : job.src + job.count]
+            v[self.index, job.dst : job.dst + job.count] = value[job.src : job.src + job.count]
 
-    def load(self, key: int, keys: torch.Tensor, values: torch.Tensor, sink_len: int) -> None:
+    def load(
+        self, step: SinkStep, key: int, keys: torch.Tensor, values: torch.Tensor, sink_len: int
+    ) -> None:
         """Take the pristine copy from the first ``len(keys)`` sink tokens read from the cache
         (pages whose sinks never moved); the step's captures add the rest."""
-        shape = (sink_len, *keys.shape[1:])
-        k, v = keys.new_zeros(shape), values.new_zeros(shape)
-        k[: len(keys)], v[: len(values)] = keys, values
-        self.pristine[key] = (k, v)
+        k, v = self.bank.entry(step, key, (sink_len, *keys.shape[1:]), keys, reset=True)
+        k[self.index, : len(keys)], v[self.index, : len(values)] = keys, values
 
     def moved(self, step: SinkStep) -> tuple[torch.Tensor, torch.Tensor]:
-        """The sink keys of every move of ``step``, each rotated to its move's offset, and
-        their values, for ``step.move_slots``: one rotation for all streams moving."""
-        pairs = [self.pristine[m.key] for m in step.moves]
-        if len(pairs) == 1:
-            k, v = pairs[0]
-        else:
-            k, v = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
-        return self._rotate(k, *step.move_angles(self.cos_sin)), v
+        """This layer's sink keys of every move of ``step``, each rotated to its move's offset,
+        and their values, for ``step.move_slots``. The first layer rotates every layer's at
+        once; the rest take their rows. Where a moving stream also writes (or loads) sinks in
+        this step, each layer rotates its own, after its capture."""
+        if step.moves_capture:
+            k = torch.cat([self.bank.entries[m.key][0][self.index] for m in step.moves])
+            v = torch.cat([self.bank.entries[m.key][1][self.index] for m in step.moves])
+            return self._rotate(k, *step.move_angles(self.cos_sin)), v
+        done = step.moved_sinks.get(id(self.bank))
+        if done is None:
+            pairs = [self.bank.entries[m.key] for m in step.moves]
+            if len(pairs) == 1:
+                k, v = pairs[0]
+            else:
+                k, v = torch.cat([p[0] for p in pairs], 1), torch.cat([p[1] for p in pairs], 1)
+            done = step.moved_sinks[id(self.bank)] = (
+                self._rotate(k, *step.move_angles(self.cos_sin)),
+                v,
+            )
+        return done[0][self.index], done[1][self.index]
 
     def rotate(self, keys: torch.Tensor, offset: int) -> torch.Tensor:
         """Rotate every key (last dim ``head_size``) by ``offset`` positions."""
@@ -86,7 +140,9 @@ class SinkRotator:
             rot = torch.cat((o1, o2), dim=-1)
         else:
             rot = torch.stack((o1, o2), dim=-1).flatten(-2)
-        return torch.cat((rot, rest), dim=-1).to(keys.dtype)
+        if self.rotary_dim < self.head_size:
+            rot = torch.cat((rot, rest), dim=-1)
+        return rot.to(keys.dtype)
 
 
 def _check_rope_kind(rope: torch.nn.Module) -> None:
@@ -186,7 +242,7 @@ def bind_model_ropes(model: torch.nn.Module) -> int:
 
     bound, unbound = 0, []
     # One exact copy and one cos/sin table per rotary embedding the model shares between layers.
-    copies: dict[int, tuple[torch.nn.Module, SinkRotator]] = {}
+    copies: dict[int, tuple[torch.nn.Module, SinkRotator, SinkBank]] = {}
     for name, module in model.named_modules():
         impl = getattr(getattr(module, "attn", None), "impl", None)
         if not isinstance(impl, SinkAttentionImpl):
@@ -200,11 +256,11 @@ def bind_model_ropes(model: torch.nn.Module) -> int:
             exact = exact_rope(rope, rotator.cos_sin)
             # The table lives where the keys do (moves stay on the device).
             rotator.cos_sin = rotator.cos_sin.to(exact.cos_sin_cache.device)
-            copies[id(rope)] = (exact, rotator)
-        module.rotary_emb, shared = copies[id(rope)]
-        # Each layer keeps its own pristine copies.
+            copies[id(rope)] = (exact, rotator, SinkBank())
+        module.rotary_emb, shared, bank = copies[id(rope)]
+        # Each layer has its row in the bank of the layers sharing its table.
         impl.rotator = SinkRotator(
-            shared.head_size, shared.rotary_dim, shared.is_neox, shared.cos_sin
+            shared.head_size, shared.rotary_dim, shared.is_neox, shared.cos_sin, bank
         )
         bound += 1
     if unbound or not bound:

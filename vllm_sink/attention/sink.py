@@ -112,7 +112,12 @@ class SinkStep:
     # in one rotation and one cache write, whatever the number of streams moving.
     move_slots: torch.Tensor | None = None  # long [sum of sink_len]
     move_offsets: torch.Tensor | None = None  # long [sum of sink_len]: each slot's offset
+    # True where a moving stream also captures or loads sinks in this step (each layer must
+    # then rotate after its own capture).
+    moves_capture: bool = False
     _move_angles: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # Every layer's moved sinks, rotated at once by the step's first layer (per bank).
+    moved_sinks: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return bool(self.loads or self.captures or self.moves or self.rebases)
@@ -135,6 +140,8 @@ class SinkStep:
             offsets = torch.tensor([m.offset for m in self.moves])
             step.move_slots = move(torch.cat(slots))
             step.move_offsets = move(torch.repeat_interleave(offsets, counts))
+            written = {c.key for c in self.captures} | {x.key for x in self.loads}
+            step.moves_capture = any(m.key in written for m in self.moves)
         return step
 
     def move_angles(self, cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,10 +203,10 @@ class SinkAttentionImpl:
         if step is not None:
             for load in step.loads:
                 self.rotator.load(
-                    load.key, *self.read_kv(layer, kv_cache, load.slots), load.sink_len
+                    step, load.key, *self.read_kv(layer, kv_cache, load.slots), load.sink_len
                 )
             if step.captures:
-                self.rotator.capture(step.captures, key, value)
+                self.rotator.capture(step, step.captures, key, value)
             if step.moves:
                 keys, values = self.rotator.moved(step)
                 self.write_kv(layer, kv_cache, step.move_slots, keys, values)
@@ -238,24 +245,29 @@ def sink_spec(spec: AttentionSpec) -> SinkWindowSpec:
 def free_sink_state(impls: list, keys: list[int]) -> None:
     """Forget the pristine copies of streams that ended (before the step's build, so a new
     owner of a freed first page, which captures its own sinks in this step, starts clean)."""
-    for impl in impls:
-        if impl.rotator is not None:
-            for key in keys:
-                impl.rotator.pristine.pop(key, None)
+    for bank in _banks(impls):
+        for key in keys:
+            bank.entries.pop(key, None)
 
 
 def copy_sink_state(impls: list, copies: list[tuple[int, int]]) -> None:
     """Give streams whose sink pages were copied from shared ones their own pristine copies."""
     for src, dst in copies:
-        for impl in impls:
-            if impl.rotator is not None and src in impl.rotator.pristine:
-                k, v = impl.rotator.pristine[src]
-                impl.rotator.pristine[dst] = (k.clone(), v.clone())
+        for bank in _banks(impls):
+            if src in bank.entries:
+                k, v = bank.entries[src]
+                bank.entries[dst] = (k.clone(), v.clone())
 
 
 def rename_sink_state(impls: list, renames: list[tuple[int, int]]) -> None:
     """Move streams' pristine copies to new keys (a swapped stream's first page changes)."""
     for old, new in renames:
-        for impl in impls:
-            if impl.rotator is not None and old in impl.rotator.pristine:
-                impl.rotator.pristine[new] = impl.rotator.pristine.pop(old)
+        for bank in _banks(impls):
+            if old in bank.entries:
+                bank.entries[new] = bank.entries.pop(old)
+
+
+def _banks(impls: list) -> list:
+    """The distinct sink banks of ``impls`` (layers sharing a rotary table share one)."""
+    banks = {id(i.rotator.bank): i.rotator.bank for i in impls if i.rotator is not None}
+    return list(banks.values())
