@@ -93,7 +93,11 @@ def machine_info() -> dict[str, Any]:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemTotal"):
                 mem_gib = round(int(line.split()[1]) / 2**20, 1)
-    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    # Code changes only: a full run writes its own results (and tables) into the tree as it goes.
+    dirty = _git(
+        "status", "--porcelain", "--untracked-files=no", "--", ".",
+        ":(exclude)benchmarks/results", ":(exclude)*.md",
+    )  # fmt: skip
     return {
         "cpu_model": _cpu_model(),
         "cpu_bf16": _cpu_bf16(),

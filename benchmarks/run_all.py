@@ -3,9 +3,10 @@
     .venv/bin/python benchmarks/run_all.py --quick --out-root /tmp/bench   # tiny sizes
     .venv/bin/python benchmarks/run_all.py --full                          # README
 
-Quick: ~6 min on 2 cores (the conversation benchmark 75 s of it; host_memory ~1 min). Full: ~40
-min before the conversation benchmark, plus ~50 for it (estimated; mostly its re-prefill engine's
-prefill), plus ~6 for host_memory (its own ``vllm serve`` on a tiny model).
+Quick: ~6 min on 2 cores (the conversation benchmark 75 s of it; host_memory ~1 min). Full: 46
+min on 2 cores of a Xeon with AMX bf16 (2026-12-03): overhead 27 of them (8 fresh process sets
+per mode), serving 6.5, conversation ~6, host_memory 3; on a CPU without native bf16 the prefills
+make it several times longer.
 The engine benchmarks share one plugin and one vanilla engine (same sizes by default), so each
 engine starts once; the conversation benchmark adds two engines with prefix caching on (in quick
 mode its re-prefill engine is the shared plugin one). The llama.cpp peer is skipped, with the
