@@ -24,6 +24,8 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from vllm.sampling_params import RequestOutputKind
+
 from vllm_sink.compat import check_vllm_version
 from vllm_sink.tail import TailList
 
@@ -35,25 +37,31 @@ TAIL_CHARS = 1024
 
 def is_sink_stream(state: Any) -> bool:
     """A DELTA request of a sink engine (marked by the input processor), not a session."""
-    from vllm.sampling_params import RequestOutputKind
-
     return (
-        state.output_kind == RequestOutputKind.DELTA
+        getattr(state, "_vllm_sink_stream", False)
+        and state.output_kind == RequestOutputKind.DELTA
         and not state.streaming_input
-        and getattr(state, "_vllm_sink_stream", False)
     )
 
 
-def keep_tail(state: Any) -> None:
-    """Drop what no later output of ``state`` reads (after an output was made)."""
+@functools.cache
+def _detokenizer_kinds() -> tuple[type, type]:
     from vllm.v1.engine.detokenizer import FastIncrementalDetokenizer, IncrementalDetokenizer
 
+    return FastIncrementalDetokenizer, IncrementalDetokenizer
+
+
+def keep_tail(state: Any) -> None:
+    """Drop what no later output of ``state`` reads (after an output was made). Runs for every
+    output of a stream, so each part first checks, cheaply, whether it has anything to do."""
+    fast, slow = _detokenizer_kinds()
     keep = TAIL_TOKENS + state.stream_interval  # token ids and logprob positions
     det = state.detokenizer
-    plain = type(det) in (FastIncrementalDetokenizer, IncrementalDetokenizer)
-    if plain and not isinstance(det.token_ids, TailList):
+    kind = type(det)
+    if (kind is fast or kind is slow) and type(det.token_ids) is not TailList:
         det.token_ids = TailList(det.token_ids, keep=keep)
-    if type(det) is FastIncrementalDetokenizer:
+    # Text is cut only once at least TAIL_CHARS of it were sent (cut >= hold >= TAIL_CHARS).
+    if kind is fast and det._last_output_text_offset >= TAIL_CHARS:
         hold = max((len(s) for s in det.stop), default=0) + TAIL_CHARS
         cut = min(det._last_output_text_offset, len(det.output_text) - hold)
         if cut >= hold:  # amortized: the text is copied once per `hold` characters or more

@@ -99,6 +99,9 @@ class SinkWindowManager(FullAttentionManager):
         # Per request: pages freed by eviction (null entries in its block list), so the pages
         # held are counted in O(1) however long the stream has run.
         self._evicted: dict[str, int] = {}
+        # Per request: the first page its window keeps (the end of its freed run), as of its
+        # last eviction, so a step that leaves no new page behind costs one lookup.
+        self._kept_from: dict[str, int] = {}
         # Requests that hold private pages only (copied what they shared at first eviction).
         self._private: set[str] = set()
         # Requests on a parked stream's pages, copied at their first step.
@@ -125,6 +128,8 @@ class SinkWindowManager(FullAttentionManager):
         freed = geometry.evicted_pages(
             processed_computed_tokens, spec.sink_tokens, spec.window_tokens, self.block_size
         )
+        if self._kept_from.get(request_id) == freed.stop:
+            return  # the window left no new page behind since the last step
         # Frees back to front and stops at the first null block: pages freed earlier stay
         # null, so each step only walks the pages newly left behind by the window.
         blocks = self.req_to_blocks.get(request_id)
@@ -141,10 +146,13 @@ class SinkWindowManager(FullAttentionManager):
         if newly_freed:
             self.pages_freed += newly_freed
             self._evicted[request_id] = self._evicted.get(request_id, 0) + newly_freed
+        if blocks is not None:
+            self._kept_from[request_id] = freed.stop
 
     def pop_blocks_for_free(self, request_id: str) -> list:
         # Every way out of the manager (finish, abort, preemption) goes through here.
         self._evicted.pop(request_id, None)
+        self._kept_from.pop(request_id, None)
         self._private.discard(request_id)
         self._forks.pop(request_id, None)
         return super().pop_blocks_for_free(request_id)
@@ -221,12 +229,16 @@ class SinkWindowManager(FullAttentionManager):
 
     def get_num_blocks_to_allocate(self, request_id: str, *args: Any, **kwargs: Any) -> int:
         need = super().get_num_blocks_to_allocate(request_id, *args, **kwargs)
+        if request_id in self._private:
+            return need  # nothing shared left to copy (the steady state of a long stream)
         # Pages only this request and the prefix cache (or a parked stream) hold can leave
         # the cache instead of being copied when the pool is short.
         copies = [b for _, b in self._shared_pages(request_id) if b.ref_cnt > 1]
         return need + len(copies)
 
     def allocate_new_blocks(self, request_id: str, num_tokens: int, *args: Any, **kwargs: Any):
+        if request_id in self._private:
+            return super().allocate_new_blocks(request_id, num_tokens, *args, **kwargs)
         pages = self._shared_pages(request_id)
         if request_id in self.req_to_blocks and (
             pages or isinstance(self.req_to_blocks[request_id], BlockList)
@@ -288,6 +300,7 @@ class SinkWindowManager(FullAttentionManager):
             return False
         blocks = self.req_to_blocks.pop(request.request_id)
         self.num_cached_block.pop(request.request_id, None)
+        self._kept_from.pop(request.request_id, None)
         self._private.discard(request.request_id)
         self._forks.pop(request.request_id, None)
         stream = ParkedStream(
@@ -314,6 +327,7 @@ class SinkWindowManager(FullAttentionManager):
             blocks.copy() if isinstance(blocks, BlockList) else list(blocks)
         )
         self._forks[request.request_id] = stream
+        self._kept_from.pop(request.request_id, None)
         if stream.num_evicted_pages:
             self._evicted[request.request_id] = stream.num_evicted_pages
         return stream.num_computed
@@ -337,6 +351,7 @@ class SinkWindowManager(FullAttentionManager):
             [null if b is None else b for b in (*head, *tail)], num_sink_pages, null, skipped
         )
         self.req_to_blocks[request_id] = blocks
+        self._kept_from.pop(request_id, None)
         if num_evicted_pages:
             self._evicted[request_id] = num_evicted_pages
 

@@ -111,11 +111,11 @@ class SinkRotator:
                 k, v = pairs[0]
             else:
                 k, v = torch.cat([p[0] for p in pairs], 1), torch.cat([p[1] for p in pairs], 1)
-            done = step.moved_sinks[id(self.bank)] = (
-                self._rotate(k, *step.move_angles(self.cos_sin)),
-                v,
-            )
-        return done[0][self.index], done[1][self.index]
+            keys = self._rotate(k, *step.move_angles(self.cos_sin))
+            # Per layer at once (one call for all views, not two indexing ops per layer).
+            layers = zip(keys.unbind(0), v.unbind(0), strict=True)
+            done = step.moved_sinks[id(self.bank)] = tuple(layers)
+        return done[self.index]
 
     def rotate(self, keys: torch.Tensor, offset: int) -> torch.Tensor:
         """Rotate every key (last dim ``head_size``) by ``offset`` positions."""
@@ -127,22 +127,25 @@ class SinkRotator:
         return self._rotate(keys, cos, sin)
 
     def _rotate(self, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotate ``keys`` by the angles whose cos/sin are given (broadcast over the keys)."""
+        """Rotate ``keys`` by the angles whose cos/sin are given (broadcast over the keys).
+
+        Written into one float32 buffer by four in-place kernels: the sink moves of a step
+        turn every layer's sinks at once, and temporaries of that size (with ``cat``) cost
+        several times more on a CPU."""
         x = keys.float()
-        rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
+        out = torch.empty_like(x)
+        rot, out_rot = x[..., : self.rotary_dim], out[..., : self.rotary_dim]
         if self.is_neox:
-            x1, x2 = rot.chunk(2, dim=-1)
+            (x1, x2), (o1, o2) = rot.chunk(2, dim=-1), out_rot.chunk(2, dim=-1)
         else:
-            x1, x2 = rot[..., ::2], rot[..., 1::2]
-        o1 = x1 * cos - x2 * sin
-        o2 = x2 * cos + x1 * sin
-        if self.is_neox:
-            rot = torch.cat((o1, o2), dim=-1)
-        else:
-            rot = torch.stack((o1, o2), dim=-1).flatten(-2)
+            x1, x2, o1, o2 = rot[..., ::2], rot[..., 1::2], out_rot[..., ::2], out_rot[..., 1::2]
+        torch.mul(x1, cos, out=o1)
+        o1.addcmul_(x2, sin, value=-1)
+        torch.mul(x2, cos, out=o2)
+        o2.addcmul_(x1, sin)
         if self.rotary_dim < self.head_size:
-            rot = torch.cat((rot, rest), dim=-1)
-        return rot.to(keys.dtype)
+            out[..., self.rotary_dim :] = x[..., self.rotary_dim :]
+        return out.to(keys.dtype)
 
 
 def _check_rope_kind(rope: torch.nn.Module) -> None:

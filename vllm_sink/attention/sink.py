@@ -117,7 +117,9 @@ class SinkStep:
     moves_capture: bool = False
     _move_angles: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     # Every layer's moved sinks, rotated at once by the step's first layer (per bank).
-    moved_sinks: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    moved_sinks: dict[int, tuple[tuple[torch.Tensor, torch.Tensor], ...]] = field(
+        default_factory=dict
+    )
 
     def __bool__(self) -> bool:
         return bool(self.loads or self.captures or self.moves or self.rebases)

@@ -178,8 +178,9 @@ class StreamTracker:
         return state
 
     def evicted(self, n: int) -> int:
-        s = self.settings
-        return geometry.evicted_tokens(n, s.sink_tokens, s.window_tokens, self.block_size)
+        # geometry.evicted_tokens, inlined: called for every request and step.
+        bs = self.block_size
+        return max(self.sink_len, (n - self.settings.window_tokens) // bs * bs) - self.sink_len
 
     def compact_prompt(self, state: StreamState) -> list[int]:
         """``prompt[:sinks] + prompt[ws : ws + room]`` (whole prompt while it fits)."""
