@@ -16,7 +16,13 @@ estimate is the geometric mean of the blocks', and its 95 % interval is Student'
 blocks' logs. The block, not the round, is the unit: two processes of the same engine can
 differ (memory placement, threads), and with fresh processes in every block that difference
 varies from block to block, so it is in the interval rather than hidden in the estimate. (The
-interval over rounds alone, ``rounds_ci95``, is kept beside it for comparison.) Compiled
+interval over rounds alone, ``rounds_ci95``, is kept beside it for comparison.) The engines of
+a block start in an order rotated from block to block, so whatever the first process to start
+gets (or lacks) falls on each engine in turn. Each mode first runs ``--warmup-blocks`` blocks
+(full: 1) measured the same way but left out of the estimates (kept in ``runs`` with a
+negative block index): in the clean run of 5557caa the first block of a mode, started right
+after other work, was off in 5 of its 6 stream counts (plugin/vanilla 1.001 against 0.958-0.970
+in the other blocks at 64 streams compiled; 0.941-0.949 against 0.98-1.03 eager). Compiled
 engines start in ~16 s from Inductor's cache (``common.py`` turns off vLLM's AOT cache, which
 the CPU build cannot load).
 
@@ -86,6 +92,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--blocks", type=int, default=None, help="blocks, each a fresh set of engine processes"
     )
     parser.add_argument(
+        "--warmup-blocks",
+        type=int,
+        default=None,
+        help="blocks run first in each mode and left out of the estimates (full: 1)",
+    )
+    parser.add_argument(
         "--sets",
         type=int,
         default=None,
@@ -108,7 +120,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.streams = [1, 4] if args.quick else [1, 16, 64]
     if args.modes is None:
         args.modes = ["eager" if args.eager else "compiled"] if args.quick else list(MODES)
-    for key, quick, full in (("rounds", 6, 32), ("blocks", 1, 8), ("steps", 2, 4), ("sets", 1, 3)):
+    defaults = (("rounds", 6, 32), ("blocks", 1, 8), ("steps", 2, 4), ("sets", 1, 3),
+                ("warmup_blocks", 0, 1))  # fmt: skip
+    for key, quick, full in defaults:
         if getattr(args, key) is None:
             setattr(args, key, quick if args.quick else full)
     if args.profile is None:
@@ -117,6 +131,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.control = not args.quick
     if args.rounds * args.blocks < 6 or min(args.steps, args.blocks, args.sets) < 1:
         parser.error("need at least 6 rounds in all (the t quantile), 1 step, block and set")
+    if args.warmup_blocks < 0:
+        parser.error("--warmup-blocks must be >= 0")
     lens = prompt_lens(args)
     if lens["vanilla"] < 1 or lens["vanilla"] + 31 + lens["decoded"] > args.max_model_len:
         parser.error(
@@ -131,6 +147,12 @@ def rotation(rnd: int, index: int, names: list[str]) -> list[str]:
     """Order of the engines in one round: rotated by one every round (two engines: flipped)."""
     k = (rnd + index) % len(names)
     return names[k:] + names[:k]
+
+
+def start_rotated(pool: EnginePool, configs: dict[str, Any], order: list[str]) -> dict[str, Any]:
+    """Start a block's engines in ``order`` (rotated from block to block); workers by name."""
+    started = dict(zip(order, pool.start(*(configs[n] for n in order)), strict=True))
+    return {name: started[name] for name in configs}
 
 
 def stream_sets(args: argparse.Namespace, streams: int) -> int:
@@ -211,15 +233,17 @@ def run(args: argparse.Namespace, pool: EnginePool) -> dict[str, Any]:
         configs_by_mode[mode] = configs
         start_s[mode] = []
         per_block = sum(stream_sets(args, n) for n in args.streams) * args.rounds
-        total = args.blocks * per_block * len(configs)
+        total = (args.warmup_blocks + args.blocks) * per_block * len(configs)
+        names = list(configs)
         with tqdm(total=total, desc=f"overhead {mode}", unit="run", file=sys.stderr) as bar:
-            for block in range(args.blocks):
-                if block:
+            # Warm-up blocks have negative indices: measured alike, left out of the estimates.
+            for block in range(-args.warmup_blocks, args.blocks):
+                if block > -args.warmup_blocks:
                     # Fresh processes every block: what differs between two processes of the
                     # same engine (memory placement, threads) varies between blocks and so
                     # lands in the interval, which is taken over blocks.
                     pool.stop(*configs.values())
-                workers = dict(zip(configs, pool.start(*configs.values()), strict=True))
+                workers = start_rotated(pool, configs, rotation(block, 0, names))
                 facts.setdefault(mode, engine_facts(workers))
                 start_s[mode].append({n: w.ready["start_s"] for n, w in workers.items()})
                 for idx, streams in enumerate(args.streams):
@@ -232,7 +256,7 @@ def run(args: argparse.Namespace, pool: EnginePool) -> dict[str, Any]:
                             )
                             w.call("advance", steps=1)  # first-use costs out of the timing
                         for rnd in range(args.rounds):
-                            for name in rotation(rnd, idx + block + part, list(workers)):
+                            for name in rotation(rnd, idx + block + part, names):
                                 r = workers[name].call("advance", steps=args.steps)
                                 r.pop("step_ms", None)
                                 runs.append(
@@ -317,7 +341,10 @@ def blocked_ratio(numerators: list[float], denominators: list[float], blocks: li
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Tokens/s per engine and the paired estimates of one mode and stream count."""
+    """Tokens/s per engine and the paired estimates of one mode and stream count (warm-up
+    blocks, with negative indices, are left out; their pooled ratios are kept aside)."""
+    warmup = [r for r in runs if r["block"] < 0]
+    runs = [r for r in runs if r["block"] >= 0]
     by: dict[str, dict[int, dict[str, Any]]] = {}
     for r in runs:
         by.setdefault(r["engine"], {})[r["round"]] = r
@@ -335,6 +362,18 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     if "control" in by:
         control_s = [by["control"][k]["decode_s"] for k in rounds]
         s["control_vs_vanilla"] = blocked_ratio(vanilla_s, control_s, blocks)
+    if warmup:
+        w: dict[str, dict[int, float]] = {}
+        for r in warmup:
+            w.setdefault(r["engine"], {})[r["round"]] = r["decode_s"]
+        keys = sorted(w["vanilla"])
+        s["warmup"] = {
+            f"{name}_vs_vanilla": paired_ratio(
+                [w["vanilla"][k] for k in keys], [t[k] for k in keys]
+            )
+            for name, t in w.items()
+            if name != "vanilla"
+        }
     return s
 
 

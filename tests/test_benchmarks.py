@@ -265,6 +265,44 @@ def test_overhead_interval_method():
     assert one["unit"] == "round" and one["ci95"] == one["rounds_ci95"]
 
 
+def test_overhead_warmup_block_and_start_order():
+    """A warm-up block (negative index) is measured but left out of the estimates; the engines
+    of successive blocks start in rotated order, each worker still under its own name."""
+    overhead = _bench_module("overhead")
+
+    def run(block: int, rnd: int, engine: str, decode_s: float) -> dict:
+        return {"block": block, "round": block * 10 + rnd, "engine": engine,
+                "tokens": 4, "decode_s": decode_s}  # fmt: skip
+
+    runs = [run(-1, r, "vanilla", 1.0) for r in range(3)]
+    runs += [run(-1, r, "plugin", 2.0) for r in range(3)]  # far off: must not count
+    for block, plugin_s in ((0, 1.01), (1, 1.02)):
+        runs += [run(block, r, "vanilla", 1.0) for r in range(3)]
+        runs += [run(block, r, "plugin", plugin_s) for r in range(3)]
+    s = overhead.summarize(runs)
+    est = s["plugin_vs_vanilla"]
+    assert est["unit"] == "block" and est["rounds"] == 6
+    assert est["ratio"] == pytest.approx(1 / math.sqrt(1.01 * 1.02))
+    assert s["warmup"]["plugin_vs_vanilla"]["ratio"] == pytest.approx(0.5)
+    assert s["plugin_tok_s"] == pytest.approx(24 / (3 * 1.01 + 3 * 1.02))
+
+    class Pool:
+        def __init__(self) -> None:
+            self.orders: list[list[str]] = []
+
+        def start(self, *cfgs: str) -> list[str]:
+            self.orders.append(list(cfgs))
+            return [f"worker of {c}" for c in cfgs]
+
+    pool, configs = Pool(), {"plugin": "P", "vanilla": "V", "control": "C"}
+    names = list(configs)
+    for block in (-1, 0, 1):
+        workers = overhead.start_rotated(pool, configs, overhead.rotation(block, 0, names))
+        assert workers == {n: f"worker of {c}" for n, c in configs.items()}
+        assert list(workers) == names
+    assert pool.orders == [["C", "P", "V"], ["P", "V", "C"], ["V", "C", "P"]]
+
+
 def test_long_stream_numbers(quick_root):
     data = _results(quick_root, "long_stream")
     a, s, res = data["settings"], data["summary"], data["results"]

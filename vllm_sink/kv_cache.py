@@ -87,6 +87,8 @@ class SinkWindowManager(FullAttentionManager):
 
     def __init__(self, kv_cache_spec: SinkWindowSpec, **kwargs) -> None:
         super().__init__(kv_cache_spec, **kwargs)
+        self._num_sink_pages = kv_cache_spec.num_sink_pages
+        self._window = kv_cache_spec.window_tokens
         # vLLM's prefix-caching switch turns on shared pages and resumed streams.
         self.parked = ParkedStreams(self.block_size) if self.enable_caching else None
         # Admission reserves a request's whole prompt when it must fit (vLLM's default
@@ -124,12 +126,16 @@ class SinkWindowManager(FullAttentionManager):
         processed_computed_tokens: int,
         num_prompt_tokens: int | None = None,
     ) -> None:
+        # geometry.evicted_pages, inlined: called for every request and step, and in the
+        # steady state (no new page behind the window) this lookup is all it does.
+        bs = self.block_size
+        first_kept = max(self._num_sink_pages, (processed_computed_tokens - self._window) // bs)
+        if self._kept_from.get(request_id) == first_kept:
+            return
         spec = self.kv_cache_spec
         freed = geometry.evicted_pages(
-            processed_computed_tokens, spec.sink_tokens, spec.window_tokens, self.block_size
+            processed_computed_tokens, spec.sink_tokens, spec.window_tokens, bs
         )
-        if self._kept_from.get(request_id) == freed.stop:
-            return  # the window left no new page behind since the last step
         # Frees back to front and stops at the first null block: pages freed earlier stay
         # null, so each step only walks the pages newly left behind by the window.
         blocks = self.req_to_blocks.get(request_id)

@@ -41,10 +41,14 @@ class SinkCPUAttentionBackendImpl(SinkAttentionImpl, CPUAttentionBackendImpl):
         return out[0], out[1]
 
     def write_kv(self, layer, kv_cache, slots, keys, values) -> None:
-        num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
-        key_cache, value_cache = kv_cache.view(num_blocks, num_kv_heads, 2 * block_size, -1).chunk(
-            2, dim=2
-        )
+        # The K and V views of this layer's cache, made once (a layer keeps its cache tensor;
+        # the views cost as much as the write of one step's moved sinks).
+        views = getattr(layer, "_vllm_sink_kv_views", None)
+        if views is None or views[0] is not kv_cache:
+            num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
+            paged = kv_cache.view(num_blocks, num_kv_heads, 2 * block_size, -1)
+            views = layer._vllm_sink_kv_views = (kv_cache, *paged.chunk(2, dim=2))
+        _, key_cache, value_cache = views
         ops.cpu_attn_reshape_and_cache(
             keys,
             values,

@@ -360,14 +360,19 @@ def before_update(tracker: StreamTracker, runner, scheduler_output) -> None:
         elif new.block_ids and new.block_ids[0]:
             state.sink_key = new.block_ids[0][0]
         new.prompt_token_ids = tracker.compact_prompt(state)
-    for ids in fresh_blocks:
-        tracker.reclaim(ids)
-    for ids in cached.new_block_ids:
-        for row in ids or ():
-            tracker.reclaim(row)
+    if tracker.parked_blocks:  # pages handed out anew may be a parked stream's
+        for ids in fresh_blocks:
+            tracker.reclaim(ids)
+        for ids in cached.new_block_ids:
+            for row in ids or ():
+                tracker.reclaim(row)
+    # Per running request and step: tracker.evicted inlined, lookups hoisted.
+    bs, sink_len, window = tracker.block_size, tracker.sink_len, tracker.settings.window_tokens
+    streams, resumed_ids = tracker.streams, cached.resumed_req_ids
+    computed = cached.num_computed_tokens
     for i, req_id in enumerate(cached.req_ids):
-        n = cached.num_computed_tokens[i]
-        resumed = req_id in cached.resumed_req_ids
+        n = computed[i]
+        resumed = req_id in resumed_ids
         swapped_in = resumed and n > 0 and req_id in tracker.swapped
         if swapped_in:
             tracker.swap_in(runner, req_id, n, cached.new_block_ids[i])
@@ -391,11 +396,11 @@ def before_update(tracker: StreamTracker, runner, scheduler_output) -> None:
             req_state.output_token_ids = []
         if resumed:
             cached.all_token_ids.pop(req_id, None)
-        state = tracker.streams[req_id]
-        evicted = tracker.evicted(n)
+        state = streams[req_id]
+        evicted = max(sink_len, (n - window) // bs * bs) - sink_len
         if evicted > state.dropped:
             drop_evicted(tracker, runner, req_id, state, evicted)
-        cached.num_computed_tokens[i] = n - state.dropped
+        computed[i] = n - state.dropped
         if swapped_in:
             # vLLM replaces a resumed request's rows with these: the compacted ones.
             cached.new_block_ids[i] = tuple(list(ids) for ids in runner.requests[req_id].block_ids)
@@ -415,10 +420,14 @@ def plan_step(
     step = SinkStep()
     offsets: list[int] = []
     start = 0  # the row's first token in the batch
-    for row, req_id in enumerate(batch.req_ids[: batch.num_reqs]):
-        state = tracker.streams[req_id]
-        n = int(batch.num_computed_tokens_cpu[row])  # compact tokens cached before this step
-        q = int(num_scheduled_tokens[row])
+    # Per row and step: the arrays read once as lists, lookups hoisted.
+    num_reqs, streams, sink_offsets = batch.num_reqs, tracker.streams, tracker.sink_offsets
+    computed = batch.num_computed_tokens_cpu[:num_reqs].tolist()  # compact, before this step
+    scheduled = num_scheduled_tokens[:num_reqs].tolist()
+    first_pages = table[:num_reqs, 0].tolist()
+    for row, req_id in enumerate(batch.req_ids[:num_reqs]):
+        state = streams[req_id]
+        n, q = computed[row], scheduled[row]
         old = state.offset
         if old and n + q + old > tracker.max_position:
             # Rebase: the oldest window token moves right after the sinks (offset 0); its
@@ -432,20 +441,20 @@ def plan_step(
         if logical < len(state.prompt):
             state.prefilled += min(q, len(state.prompt) - logical)
         if sink_len:
-            key = int(table[row, 0])
-            if n and key not in tracker.sink_offsets:
+            key = first_pages[row]
+            if n and key not in sink_offsets:
                 # Starts on computed pages whose sinks have never moved (prefix-cache pages,
                 # or a copy of them): their sink tokens are the pristine copy.
                 cached = min(n, sink_len)
                 step.loads.append(SinkLoad(key, _slots(table[row], 0, cached, bs), sink_len))
-                tracker.sink_offsets[key] = 0
+                sink_offsets[key] = 0
             if n < sink_len:
                 count = min(q, sink_len - n)
                 step.captures.append(SinkCapture(key, start, n, count, sink_len))
                 if n == 0:
-                    tracker.sink_offsets[key] = 0  # a new owner of this page
-            elif tracker.sink_offsets.get(key, 0) != state.offset:
-                tracker.sink_offsets[key] = state.offset
+                    sink_offsets[key] = 0  # a new owner of this page
+            elif sink_offsets.get(key, 0) != state.offset:
+                sink_offsets[key] = state.offset
                 step.moves.append(SinkMove(key, _slots(table[row], 0, sink_len, bs), state.offset))
                 tracker.num_sink_moves += 1
         start += q
