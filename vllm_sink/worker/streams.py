@@ -274,9 +274,53 @@ def drop_evicted(
     first = sink_len // tracker.block_size
     for block_ids in req_state.block_ids:
         del block_ids[first : first + pages]
-    if runner.input_batch.req_id_to_index.get(req_id) is not None:
-        # Re-added by vLLM's own update from the compacted state.
-        runner.input_batch.remove_request(req_id)
+    # A request whose min_tokens this lowered keeps vLLM's count only if re-added.
+    compact_row(runner.input_batch, req_id, req_state, in_place=not state.own_params)
+
+
+def compact_row(batch, req_id: str, req_state, in_place: bool = True) -> None:
+    """Bring a running request's row of vLLM's persistent batch to its compacted state.
+
+    In place where nothing in the batch keeps more of the request than its row (its tokens,
+    prompt length and block ids): a removed request would be re-added by vLLM's own update,
+    which rebuilds the whole batch's sampling metadata, every step at tens of streams.
+    Otherwise (penalties and min_tokens read the prompt or output counts vLLM cached at
+    add time; custom logits processors may keep anything) it is removed and re-added.
+    """
+    row = batch.req_id_to_index.get(req_id)
+    if row is None:
+        return
+    if not (in_place and _row_is_all_it_keeps(batch, row, req_state)):
+        batch.remove_request(req_id)  # re-added by vLLM's own update
+        return
+    prompt, outputs = req_state.prompt_token_ids, req_state.output_token_ids
+    p = len(prompt)
+    end = p + len(outputs)
+    batch.token_ids_cpu[row, :p] = prompt
+    batch.token_ids_cpu[row, p:end] = outputs
+    batch.num_prompt_tokens[row] = p
+    batch.num_tokens_no_spec[row] = end
+    batch.block_table.add_row(req_state.block_ids, row)
+
+
+_BUILTIN_LOGITS_PROCESSORS = "vllm.v1.sample.logits_processor.builtin"
+
+
+def _row_is_all_it_keeps(batch, row: int, req_state) -> bool:
+    params = req_state.sampling_params
+    return (
+        params is not None
+        and req_state.prompt_token_ids is not None
+        and req_state.prompt_embeds is None
+        and not params.min_tokens
+        and params.frequency_penalty == 0.0
+        and params.presence_penalty == 0.0
+        and params.repetition_penalty == 1.0
+        and not getattr(batch, "use_replayssm", False)
+        and getattr(batch, "thinking_budget_state_holder", None) is None
+        and not batch.logits_processing_needs_token_ids[row]
+        and all(type(p).__module__ == _BUILTIN_LOGITS_PROCESSORS for p in batch.logitsprocs.all)
+    )
 
 
 def continued_state(tracker: StreamTracker, new, swaps) -> StreamState:
