@@ -7,8 +7,9 @@ token once it is long) and every sample logprob, although in ``DELTA`` mode each
 only what is new. No hook bounds them. After each output of a ``DELTA`` request that the input
 processor marked as a sink engine's (``input_processor.STREAM_MARK``) this wrapper:
 
-- stores the detokenizer's token ids in a :class:`~vllm_sink.tail.TailList`: the length stays
-  (``min_tokens`` counts it), the tokens not sent yet stay (``stream_interval``);
+- stores the detokenizer's token ids, once more than ``TAIL_AFTER``, in a
+  :class:`~vllm_sink.tail.TailList`: the length stays (``min_tokens`` counts it), the tokens not
+  sent yet stay (``stream_interval``);
 - cuts the output text before what is not sent yet and the longest stop string (the stop-string
   search reads no further back), shifting the sent offset by the same amount;
 - keeps the last sample-logprob positions (each output slices its new ones from the end; the
@@ -33,6 +34,9 @@ _applied = False
 # Entries kept beyond what is not sent yet; characters kept beyond the longest stop string.
 TAIL_TOKENS = 64
 TAIL_CHARS = 1024
+# Token ids a stream's detokenizer holds as vLLM's plain list before it keeps only their tail:
+# a short stream holds what vanilla vLLM holds, read at C speed.
+TAIL_AFTER = 512
 
 
 def is_sink_stream(state: Any) -> bool:
@@ -58,7 +62,11 @@ def keep_tail(state: Any) -> None:
     keep = TAIL_TOKENS + state.stream_interval  # token ids and logprob positions
     det = state.detokenizer
     kind = type(det)
-    if (kind is fast or kind is slow) and type(det.token_ids) is not TailList:
+    if (
+        (kind is fast or kind is slow)
+        and type(det.token_ids) is not TailList
+        and len(det.token_ids) > TAIL_AFTER
+    ):
         det.token_ids = TailList(det.token_ids, keep=keep)
     # Text is cut only once at least TAIL_CHARS of it were sent (cut >= hold >= TAIL_CHARS).
     if kind is fast and det._last_output_text_offset >= TAIL_CHARS:

@@ -21,8 +21,10 @@ exactly where it stopped, whatever its length, and only its uncomputed tokens ar
 Until then it stays out of vLLM's waiting queue, which would otherwise re-prefill it whole.
 
 A streamed request (``output_kind=DELTA``) keeps only the tail of its token lists and block
-hashes (:mod:`vllm_sink.tail`): the scheduler reads them at their end only, so the engine core
-holds a bounded number of entries per stream, however long it runs.
+hashes (:mod:`vllm_sink.tail`) once it is longer than ``max_model_len``: the scheduler reads
+them at their end only, so the engine core holds a bounded number of entries per stream, however
+long it runs. Up to ``max_model_len`` (what vanilla vLLM holds) they stay plain lists, which
+vLLM reads at C speed for every request and step.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ UNBOUNDED_LEN = 1 << 62
 # Entries a streamed request keeps of its token lists and of its page hashes (at least).
 TAIL_TOKENS = 256
 TAIL_HASHES = 8
+# Streams are checked for passing max_model_len (to keep only their tails) every this many steps.
+TAIL_CHECK_STEPS = 8
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,10 @@ class SinkScheduler(Scheduler):
             )
         self.swapped: dict[str, SwappedStream] = {}
         self.num_swapped_in = 0  # preempted streams resumed from their pages (not recomputed)
+        # Streamed requests not yet longer than this keep vLLM's plain lists (_keep_tails).
+        self.tail_after = self.max_model_len
+        self.tails_pending: dict[str, Request] = {}
+        self._steps = 0
         self.max_model_len = UNBOUNDED_LEN
         self.kv_cache_manager.max_model_len = UNBOUNDED_LEN
         # Per-request step cap (``long_prefill_token_threshold``, set by the plugin so a
@@ -110,7 +118,24 @@ class SinkScheduler(Scheduler):
                 self.kv_cache_manager.record_prefix_cache_stats(request, resumed)
         super().add_request(request)
         if self.keeps_tail_only(request):
-            self._keep_tail(request)
+            if request.num_tokens > self.tail_after:
+                self._keep_tail(request)
+            else:
+                self.tails_pending[request.request_id] = request
+
+    def _keep_tails(self) -> None:
+        """Streams that passed ``max_model_len`` keep only their tails from now on. Checked
+        every ``TAIL_CHECK_STEPS`` steps, so a stream holds at most that many steps' tokens
+        past ``max_model_len`` in full."""
+        done = []
+        for request_id, request in self.tails_pending.items():
+            if self.requests.get(request_id) is not request:
+                done.append(request_id)  # finished (or gone) as a plain list
+            elif request.num_tokens > self.tail_after:
+                self._keep_tail(request)
+                done.append(request_id)
+        for request_id in done:
+            del self.tails_pending[request_id]
 
     def keeps_tail_only(self, request: Request) -> bool:
         """Whether a request's history may shrink to its tail: a streamed (DELTA) request that
@@ -201,6 +226,7 @@ class SinkScheduler(Scheduler):
 
     def _free_blocks(self, request: Request) -> None:
         self.swapped.pop(request.request_id, None)  # aborted while swapped out
+        self.tails_pending.pop(request.request_id, None)
         # Only a stream that ended normally is worth continuing; an aborted one may have been
         # cut mid-step, and a preempted one never comes through here.
         if request.status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED):
@@ -208,6 +234,9 @@ class SinkScheduler(Scheduler):
         super()._free_blocks(request)
 
     def schedule(self, *args: Any, **kwargs: Any) -> Any:
+        self._steps += 1
+        if self.tails_pending and self._steps % TAIL_CHECK_STEPS == 0:
+            self._keep_tails()
         held_back = self._swap_in()
         try:
             output = self._schedule(*args, **kwargs)
