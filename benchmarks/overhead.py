@@ -21,8 +21,8 @@ a block start in an order rotated from block to block, so whatever the first pro
 gets (or lacks) falls on each engine in turn. Each mode first runs ``--warmup-blocks`` blocks
 (full: 1) measured the same way but left out of the estimates (kept in ``runs`` with a
 negative block index): in the clean run of 5557caa the first block of a mode, started right
-after other work, was off in 5 of its 6 stream counts (plugin/vanilla 1.001 against 0.958-0.970
-in the other blocks at 64 streams compiled; 0.941-0.949 against 0.98-1.03 eager). Compiled
+after other work, lay well outside the other seven in 7 of the 12 estimates (e.g. plugin/vanilla
+1.001 against 0.958-0.970 at 64 streams compiled, 0.941 against 0.980-1.000 at 16 eager). Compiled
 engines start in ~16 s from Inductor's cache (``common.py`` turns off vLLM's AOT cache, which
 the CPU build cannot load).
 
