@@ -1,7 +1,7 @@
 """8. Perplexity over a million tokens (the paper's Figure 5), against a re-computation oracle.
 
     .venv/bin/python benchmarks/long_ppl.py --resume   # 1,000,000 tokens, 2,000 targets, bf16
-    .venv/bin/python benchmarks/long_ppl.py --quick    # 10,000 tokens, 8 targets (test suite)
+    .venv/bin/python benchmarks/long_ppl.py --quick    # 5,000 tokens, 8 targets, cache 256
 
 The first ``--tokens`` tokens of the Gutenberg corpus (``vllm_sink.assets.long_text()``,
 tokenised with the default model's tokenizer) are scored by ``vllm.LLM`` with prompt
@@ -93,21 +93,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="10,000 tokens, 8 targets, segments of 5,000, float32 (test suite)",
+        help="5,000 tokens, 8 targets, segments of 2,500, cache 256, float32 (test suite)",
     )
     parser.add_argument("--tokens", type=int, default=None, help="stream length (1,000,000)")
     parser.add_argument("--targets", type=int, default=None, help="oracle targets (2,000)")
     parser.add_argument("--segment", type=int, default=None, help="tokens per segment (10,000)")
     parser.add_argument("--sinks", type=int, default=4, help="config A's sink_tokens")
     parser.add_argument(
-        "--cache", type=int, default=1024, help="A: sinks + window; B: window; oracle: context"
+        "--cache",
+        type=int,
+        default=None,
+        help="A: sinks + window; B: window; oracle: context (1,024; quick 256)",
     )
     parser.add_argument(
-        "--chunk", type=int, default=512, help="tokens per step (max_num_batched_tokens)"
+        "--chunk",
+        type=int,
+        default=None,
+        help="tokens per step, max_num_batched_tokens (512; quick 256)",
     )
-    parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--max-model-len", type=int, default=None, help="2,048 (quick 512)")
     parser.add_argument("--kv-space", type=float, default=1.0, help="GiB of KV per engine")
     parser.add_argument("--dtype", default=None, help="engine dtype (default bfloat16)")
+    parser.add_argument(
+        "--eager", action="store_true", help="eager engines (implied by --quick): no compile"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "long_ppl")
     parser.add_argument(
         "--resume",
@@ -130,16 +139,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # with AMX ~2x float32's speed (704 against 363 tokens/s, results/long_ppl_dtype); without
     # it, hours (--dtype float32 there).
     defaults = (
-        {"tokens": 10_000, "targets": 8, "segment": 5_000, "dtype": "float32"}
+        {
+            "tokens": 5_000,
+            "targets": 8,
+            "segment": 2_500,
+            "dtype": "float32",
+            "cache": 256,
+            "chunk": 256,
+            "max_model_len": 512,
+        }
         if args.quick
-        else {"tokens": 1_000_000, "targets": 2_000, "segment": 10_000, "dtype": "bfloat16"}
+        else {
+            "tokens": 1_000_000,
+            "targets": 2_000,
+            "segment": 10_000,
+            "dtype": "bfloat16",
+            "cache": 1024,
+            "chunk": 512,
+            "max_model_len": 2048,
+        }
     )
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    # Log-probabilities, not speed: eager in --quick (no compile in the suite), else vLLM's
-    # default compiled mode.
-    args.eager = args.quick
+    # Log-probabilities, not speed: eager in --quick (no compile in the suite; a compiled CPU
+    # engine's warm-up takes 16-50 s on 2 cores), else vLLM's default compiled mode.
+    args.eager = args.eager or args.quick
     if not 0 <= args.sinks < args.cache:
         parser.error("--sinks must be >= 0 and below --cache")
     if args.cache >= args.max_model_len:
