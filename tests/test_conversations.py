@@ -22,7 +22,7 @@ from conversation_utils import greedy_result, reference_stream, reference_turn
 from engine_utils import free_blocks, kv_manager, run_script, sink_llm
 
 SINK, WINDOW, MAX_LEN, BS = 4, 128, 512, 32
-ANSWER = 40  # generated tokens per turn
+ANSWER = 20  # generated tokens per turn
 TOL = 1e-4  # float32: nats per token
 BOUND = math.ceil(SINK / BS) + math.ceil(WINDOW / BS) + 1  # pages held between steps
 
