@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -57,26 +58,55 @@ def prompt_logprobs(output, token_ids) -> np.ndarray:
     return np.array([np.nan] + [pl[i][token_ids[i]].logprob for i in range(1, len(token_ids))])
 
 
+class Script:
+    """A script running in a fresh interpreter (its own vLLM process tree), started at once;
+    ``result()`` waits for it. Its output goes to temporary files, not pipes, so several can run
+    side by side without one blocking on a full pipe while the test waits on another."""
+
+    def __init__(self, code: str, env: dict[str, str] | None = None, timeout: int = 900):
+        self.timeout = timeout
+        self._out = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (read in result())
+        self._err = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(code)],
+            stdout=self._out,
+            stderr=self._err,
+            text=True,
+            env={**os.environ, **(env or {})},
+            cwd=REPO,
+        )
+
+    def result(self):
+        """(json, log) once the script has printed its one line ``RESULT <json>`` and exited."""
+        try:
+            self.proc.wait(timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+        with self._out, self._err:
+            self._out.seek(0)
+            self._err.seek(0)
+            stdout, stderr = self._out.read(), self._err.read()
+        log = stdout + stderr
+        if self.proc.returncode != 0:
+            raise AssertionError(f"script failed ({self.proc.returncode}):\n{log[-6000:]}")
+        lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
+        assert lines, f"no RESULT line:\n{log[-6000:]}"
+        return json.loads(lines[-1][len("RESULT ") :]), log
+
+
+# Two scripts side by side on the 2 cores this suite is sized for: one unbound OpenMP thread
+# each, so neither engine spins on a core the other computes on.
+SIDE_BY_SIDE = {"OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+
+
 def run_script(code: str, env: dict[str, str] | None = None, timeout: int = 900):
     """Run ``code`` in a fresh interpreter (its own vLLM process tree); returns (json, log).
 
     The script must print one line ``RESULT <json>``.
     """
-    full_env = {**os.environ, **(env or {})}
-    proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True,
-        text=True,
-        env=full_env,
-        timeout=timeout,
-        cwd=REPO,
-    )
-    log = proc.stdout + proc.stderr
-    if proc.returncode != 0:
-        raise AssertionError(f"script failed ({proc.returncode}):\n{log[-6000:]}")
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert lines, f"no RESULT line:\n{log[-6000:]}"
-    return json.loads(lines[-1][len("RESULT ") :]), log
+    return Script(code, env, timeout).result()
 
 
 def sink_llm(model_dir, sink: int, window: int, max_len: int, **kwargs):

@@ -7,7 +7,7 @@ from importlib.metadata import entry_points
 
 import pytest
 
-from engine_utils import run_script
+from engine_utils import Script
 
 SCRIPT = """
 import json, os, sys
@@ -34,24 +34,33 @@ if __name__ == "__main__":
 # Bit-identical results across two engine processes need the same reduction order in both:
 # one OpenMP thread bound to one core makes every kernel's arithmetic order fixed, so identical
 # code gives identical bits (with several threads, split reductions can differ run to run).
-DETERMINISTIC_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0", "OMP_NUM_THREADS": "1"}
-
-
-def _run(model_dir, additional_config: str, plugins: str | None):
-    env = {
-        "TEST_MODEL": str(model_dir),
-        "TEST_ADDITIONAL_CONFIG": additional_config,
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "1",
-        **DETERMINISTIC_ENV,
-    }
-    if plugins is not None:
-        env["VLLM_PLUGINS"] = plugins
-    return run_script(SCRIPT, env)
+DETERMINISTIC_ENV = {"OMP_NUM_THREADS": "1"}
+ENABLED = '{"vllm_sink": {"sink_tokens": 4, "window_tokens": 256}}'
 
 
 @pytest.fixture(scope="module")
-def vanilla(model_dir):
-    return _run(model_dir, "{}", plugins="")
+def runs(model_dir) -> dict:
+    """The three engines, started together (each mostly imports and start-up, one thread bound
+    to its own core): vanilla (plugin not loaded), installed but off, enabled."""
+    configs = {"vanilla": ("{}", ""), "off": ("{}", None), "enabled": (ENABLED, None)}
+    scripts = {}
+    for i, (name, (additional_config, plugins)) in enumerate(configs.items()):
+        env = {
+            "TEST_MODEL": str(model_dir),
+            "TEST_ADDITIONAL_CONFIG": additional_config,
+            "VLLM_ENABLE_V1_MULTIPROCESSING": "1",
+            "VLLM_CPU_OMP_THREADS_BIND": str(i % 2),
+            **DETERMINISTIC_ENV,
+        }
+        if plugins is not None:
+            env["VLLM_PLUGINS"] = plugins
+        scripts[name] = Script(SCRIPT, env)
+    return {name: script.result() for name, script in scripts.items()}
+
+
+@pytest.fixture(scope="module")
+def vanilla(runs):
+    return runs["vanilla"]
 
 
 def test_entry_point_is_listed():
@@ -59,9 +68,9 @@ def test_entry_point_is_listed():
     assert "vllm_sink.plugin:register" in names
 
 
-def test_installed_but_off_changes_nothing(model_dir, vanilla):
+def test_installed_but_off_changes_nothing(runs, vanilla):
     vanilla_result, vanilla_log = vanilla
-    off_result, off_log = _run(model_dir, "{}", plugins=None)
+    off_result, off_log = runs["off"]
     # Registered in the engine core and worker processes, not only the parent.
     for process in ("EngineCore", "VllmWorker"):
         assert re.search(rf"\({process}[^)]*pid=\d+\).*vllm-sink plugin registered", off_log), (
@@ -79,11 +88,10 @@ def test_installed_but_off_changes_nothing(model_dir, vanilla):
         assert all(abs(last_a[k] - last_b[k]) <= 1e-5 for k in last_a)
 
 
-def test_enabled_matches_vanilla_before_eviction(model_dir, vanilla):
+def test_enabled_matches_vanilla_before_eviction(runs, vanilla):
     """Streams shorter than the window: the same greedy continuation as vanilla vLLM."""
     vanilla_result, _ = vanilla
-    config = '{"vllm_sink": {"sink_tokens": 4, "window_tokens": 256}}'
-    result, _ = _run(model_dir, config, plugins=None)
+    result, _ = runs["enabled"]
     (worker,) = result["workers"]
     assert worker["pid"] != result["parent_pid"]
     assert worker["plugin_registered"]
