@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 
-from engine_utils import run_script
+from engine_utils import Script
 
 TOL = 1e-4  # float32, nats a token
 
@@ -146,16 +146,19 @@ print("RESULT " + json.dumps(result), flush=True)
 """
 
 
+def start_case(case: dict, text_tokens, tmp_path, env: dict[str, str]) -> Script:
+    """Start a case's script (``finish_case`` waits for it): several can run side by side."""
+    env = {"CASE": json.dumps(case), "TOKENS": json.dumps(text_tokens[:6000]),
+           "TMP": str(tmp_path), **env}  # fmt: skip
+    return Script(SCRIPT, env)
+
+
 def run_case(case: dict, text_tokens, tmp_path, env: dict[str, str]) -> dict:
-    result, log = run_script(
-        SCRIPT,
-        {
-            "CASE": json.dumps(case),
-            "TOKENS": json.dumps(text_tokens[:6000]),
-            "TMP": str(tmp_path),
-            **env,
-        },
-    )
+    return finish_case(start_case(case, text_tokens, tmp_path, env))
+
+
+def finish_case(script: Script) -> dict:
+    result, log = script.result()
     kernel_lines = [ln for ln in log.splitlines() if "sink attention runs" in ln]
     result["kernel_line"] = kernel_lines[-1] if kernel_lines else ""
     print(json.dumps(result))

@@ -17,14 +17,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine_utils import ROPE_VARIANTS, run_script
-from stream_cases import assert_parity, run_case
+from engine_utils import ROPE_VARIANTS, SIDE_BY_SIDE, Script
+from stream_cases import assert_parity, finish_case, run_case, start_case
 
 CASES = {
     # Sinks of 20 tokens span two 16-token pages; positions capped at 128.
     "16-token pages, partial rotary": dict(
         sink=20, window=40, block_size=16, max_len=128, rope=ROPE_VARIANTS["partial rotary"],
-        prompt=400, turn=150, answer=24, batch=[90, 170, 260], shared=48,
+        prompt=300, turn=100, answer=16, batch=[90, 170, 260], shared=48,
     ),
     "64-token pages, llama3": dict(
         sink=4, window=100, block_size=64, max_len=256, rope=ROPE_VARIANTS["llama3"],
@@ -33,11 +33,20 @@ CASES = {
 }  # fmt: skip
 
 
-@pytest.fixture(scope="module", params=list(CASES))
-def triton_on_cpu(request, text_tokens, tmp_path_factory):
-    case = CASES[request.param]
-    env = {"VLLM_SINK_TRITON_ON_CPU": "1"}
-    return case, run_case(case, text_tokens, tmp_path_factory.mktemp("triton"), env)
+@pytest.fixture(scope="module")
+def triton_runs(text_tokens, tmp_path_factory) -> dict[str, dict]:
+    """Both cases, side by side (the interpreter computes on one thread): name -> result."""
+    env = {"VLLM_SINK_TRITON_ON_CPU": "1", **SIDE_BY_SIDE}
+    scripts = {
+        name: start_case(case, text_tokens, tmp_path_factory.mktemp("triton"), env)
+        for name, case in CASES.items()
+    }
+    return {name: finish_case(script) for name, script in scripts.items()}
+
+
+@pytest.fixture(params=list(CASES))
+def triton_on_cpu(request, triton_runs):
+    return CASES[request.param], triton_runs[request.param]
 
 
 def test_triton_path_matches_the_reference(triton_on_cpu):
@@ -74,8 +83,12 @@ out = {"tokens": list(o.outputs[0].token_ids),
        "backends": backends, "triton_placeholder": type(tu.triton).__name__}
 print("RESULT " + json.dumps(out), flush=True)
 """
-    on, _ = run_script(code, {"MODEL": str(model_dir), "VLLM_SINK_TRITON_ON_CPU": "1"})
-    off, _ = run_script(code, {"MODEL": str(model_dir), "VLLM_SINK_TRITON_ON_CPU": "0"})
+    # Side by side, one thread each: the same thread count in both, so the same bits.
+    on, off = (
+        Script(code, {"MODEL": str(model_dir), "VLLM_SINK_TRITON_ON_CPU": flag, **SIDE_BY_SIDE})
+        for flag in ("1", "0")
+    )
+    (on, _), (off, _) = on.result(), off.result()
     assert on["backends"] == ["CPUAttentionBackend"]
     assert on["triton_placeholder"] == "TritonPlaceholder"
     assert on["tokens"] == off["tokens"] and on["logprobs"] == off["logprobs"]
