@@ -34,6 +34,9 @@ SERVE_ARGS = [
     "--hf-overrides", json.dumps({"max_position_embeddings": MAX_MODEL_LEN}),
     "--block-size", "32",
     "--enforce-eager",
+    # float32: a CPU without native bf16 (AVX2 only) runs bf16 prefills ~4x slower, and the
+    # suite must fit such a machine too; nothing here depends on the dtype.
+    "--dtype", "float32",
     "--max-num-batched-tokens", "64",
     "--enable-prompt-tokens-details",  # usage reports the tokens a resumed stream did not prefill
 ]  # fmt: skip
