@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from engine_utils import SIDE_BY_SIDE
+
 VLLM = str(Path(sys.executable).with_name("vllm"))
 MAX_LEN = 256
 SINK_FLAGS = ["--sink-tokens", "4", "--window-tokens", "64"]
@@ -55,8 +57,7 @@ def runs(model_dir, tmp_path_factory) -> dict[str, Run]:
     """The four commands, started together (mostly imports and start-up; one unbound OpenMP
     thread each, so the two that compute share the two cores): name -> its run."""
     tmp = tmp_path_factory.mktemp("bench")
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1",
-           "OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}  # fmt: skip
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1", **SIDE_BY_SIDE}
     started = {}
     for command, args in (("throughput", THROUGHPUT), ("latency", LATENCY)):
         for sink in (True, False):
