@@ -17,7 +17,6 @@ shutdown`` and ``ray stop``, checking no process of the cluster survives.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import json
 import os
@@ -808,6 +807,7 @@ class Chats:
 
     def __init__(self, client, words: list[str]):
         self.client, self.words = client, words
+        self.tag = secrets.token_hex(4)  # this run's request ids: Serve logs them on the replica
         self.messages: list[list[dict]] = [[] for _ in range(CONVERSATIONS)]
         self.turns: list[list[Turn]] = [[] for _ in range(CONVERSATIONS)]
 
@@ -819,8 +819,9 @@ class Chats:
         content = " ".join(self.words[start : start + MESSAGE_WORDS])
         self.messages[c].append({"role": "user", "content": content})
         reply = self.client.chat.completions.create(
-            model=MODEL_ID, messages=self.messages[c], max_tokens=ANSWER_TOKENS, temperature=0
-        )
+            model=MODEL_ID, messages=self.messages[c], max_tokens=ANSWER_TOKENS, temperature=0,
+            extra_headers={"x-request-id": self.request_id(c, k)},
+        )  # fmt: skip
         answer = reply.choices[0].message.content or ""
         self.messages[c].append({"role": "assistant", "content": answer})
         usage = reply.usage
@@ -832,18 +833,34 @@ class Chats:
         self.turns[c].append(turn)
         return turn
 
+    def request_id(self, c: int, k: int) -> str:
+        """Turn ``k`` of conversation ``c``'s request id (Serve's proxy keeps a client's
+        ``x-request-id``, and every Serve log line of the request carries it)."""
+        return f"{self.tag}-c{c}-t{k:02d}"  # no id a prefix of another
+
     def run(self, turns: int) -> None:
-        """``turns`` more turns of every conversation, one request at a time, round robin; the
-        first turns all at once: with no prefix to follow the router places each by load
-        (requests in flight), so they spread over the replicas. One at a time, each finds both
-        idle and goes to either: all six on one replica 1 time in 32 (seen once here)."""
+        """``turns`` more turns of every conversation, one request at a time, round robin. A
+        first turn matches no replica's prefix, so the prefix-aware router sends it to the replica
+        with the least text in its prefix tree (Ray's ``get_smallest_tenants``) and adds its text
+        there: sent one at a time, new conversations alternate between the replicas. (Sent all at
+        once they can all see the same smallest replica before any text is added; a CI run put all
+        six on one replica that way.)"""
         for _ in range(turns):
-            if not self.turns[0]:
-                with concurrent.futures.ThreadPoolExecutor(CONVERSATIONS) as pool:
-                    list(pool.map(self.turn, range(CONVERSATIONS)))
-                continue
             for c in range(CONVERSATIONS):
                 self.turn(c)
+
+    def replica_of(self, cluster: Cluster, replicas: list[dict], c: int, k: int) -> str:
+        """The id of the replica that served turn ``k`` of conversation ``c``: the one whose
+        Serve log has the turn's request id (polled: a log line may land after the reply)."""
+        rid = self.request_id(c, k)
+        deadline = time.monotonic() + 60
+        while True:
+            found = [r["id"] for r in replicas if rid in cluster.replica_log(r)]
+            if found:
+                assert len(found) == 1, (rid, found)
+                return found[0]
+            assert time.monotonic() < deadline, f"{rid}: in no log\n{cluster.diagnostics()}"
+            time.sleep(2)
 
     def totals(self, turns: range) -> tuple[int, int, int, int]:
         """Over ``turns`` of every conversation: tokens prefilled, new tokens (what a turn that
@@ -880,12 +897,17 @@ def _conversations(cluster: Cluster, client, replicas: list[dict]) -> str:
     # The histories went past max_model_len (the streams evicted).
     assert max(conv[-1].prompt for conv in chats.turns) > MAX_MODEL_LEN
 
-    # 2. Kill the second node's replica between turns (`ray kill-actor --force` is ray.kill on
-    # the replica's named actor), then two more turns of every conversation: none fails (Serve
-    # re-routes a request that finds the replica dead); the victim's conversations re-prefill
-    # once, on the survivor, and resume after; the survivor's resume throughout. (Some moved and
-    # some did not: the conversations were spread over both replicas.)
-    victim = next(r for r in replicas if r["ip"] == WORKER_IP)
+    # 2. Kill a replica between turns (`ray kill-actor --force` is ray.kill on the replica's
+    # named actor), then two more turns of every conversation: none fails (Serve re-routes a
+    # request that finds the replica dead); exactly the victim's conversations re-prefill once, on
+    # the survivor, and resume after; the survivor's resume throughout. Which replica holds which
+    # conversation is read from the replicas' logs; the victim is the second node's replica when
+    # it holds any (then both hold some), else the one holding them all.
+    held = {c: chats.replica_of(cluster, replicas, c, TURNS - 1) for c in range(CONVERSATIONS)}
+    worker = next(r for r in replicas if r["ip"] == WORKER_IP)
+    victim = worker if worker["id"] in held.values() else next(
+        r for r in replicas if r["id"] in held.values()
+    )  # fmt: skip
     victim_proc = psutil.Process(victim["pid"])
     cluster.run("ray", "kill-actor", "--address", cluster.gcs, "--name", victim["name"],
                 "--namespace", SERVE_NAMESPACE, "--force", "--no-restart", timeout=180)  # fmt: skip
@@ -893,7 +915,9 @@ def _conversations(cluster: Cluster, client, replicas: list[dict]) -> str:
     assert not alive, _describe(alive)
     chats.run(2)  # a failed request raises here
     moved = [c for c, conv in enumerate(chats.turns) if not _resumed(conv[TURNS - 1], conv[TURNS])]
-    assert 0 < len(moved) < CONVERSATIONS, (moved, chats.turns)
+    assert moved == [c for c in range(CONVERSATIONS) if held[c] == victim["id"]], (
+        moved, held, victim["id"], chats.turns,
+    )  # fmt: skip
     assert all(_resumed(conv[TURNS], conv[TURNS + 1]) for conv in chats.turns), chats.turns
     moved_prefilled = sum(t.prompt - t.cached for t in (chats.turns[c][TURNS] for c in moved))
     cluster.snapshot()
@@ -901,7 +925,8 @@ def _conversations(cluster: Cluster, client, replicas: list[dict]) -> str:
     return (
         f"{CONVERSATIONS} conversations x {TURNS} turns, {ANSWER_TOKENS}-token answers: "
         f"prefix-aware router prefilled {prefilled} tokens for {new} new "
-        f"({resumed}/{later} later turns resumed). Replica killed: {len(moved)} conversations "
+        f"({resumed}/{later} later turns resumed); {len(set(held.values()))} replicas held them. "
+        f"Replica killed: {len(moved)} conversations "
         f"re-prefilled once ({moved_prefilled} tokens)."
     )
 
