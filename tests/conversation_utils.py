@@ -40,6 +40,45 @@ def reference_turn(ref, prefill: Sequence[int], outputs: Sequence[int], cap: int
     return choices, logprobs, margins
 
 
+def reference_turns(
+    refs, prefills: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]], cap: int
+):
+    """:func:`reference_turn` for several independent streams at once: what it returns for each
+    stream, as a list. Each prefill runs alone (steps of at most ``cap``); the decode steps run
+    together (:func:`vllm_sink.reference.step_together`, one weight read per step for all), each
+    stream taking part while it still has an output to compute (lengths may differ)."""
+    from vllm_sink.reference import step_together
+
+    if not len(refs) == len(prefills) == len(outputs):
+        raise ValueError("one prefill and one output list per stream")
+    # Per stream: (choice, log-prob of the output, margin) of each prediction, taken at once so
+    # that the [B, vocab] step results are not all kept.
+    seen: list[list[tuple[int, float, float]]] = [[] for _ in refs]
+
+    def note(b: int, p: torch.Tensor) -> None:
+        seen[b].append(
+            (
+                int(torch.argmax(p)),
+                float(p[outputs[b][len(seen[b])]]),
+                float(-torch.diff(p.topk(2).values)),
+            )
+        )
+
+    for b, (ref, prefill) in enumerate(zip(refs, prefills, strict=True)):
+        prefill = list(prefill)
+        for i in range(0, len(prefill), cap):
+            logp = ref.step(prefill[i : i + cap])
+        note(b, logp[-1])
+    for j in range(max((len(o) for o in outputs), default=0) - 1):
+        active = [b for b, o in enumerate(outputs) if j < len(o) - 1]
+        logp = step_together([refs[b] for b in active], [outputs[b][j] for b in active])
+        for row, b in enumerate(active):
+            note(b, logp[row])
+    return [
+        ([c for c, _, _ in s], np.array([lp for _, lp, _ in s]), [m for _, _, m in s]) for s in seen
+    ]
+
+
 _models: dict = {}
 
 

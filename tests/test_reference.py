@@ -24,6 +24,7 @@ from vllm_sink.reference import (
     recompute_nll,
     rope_inv_freq,
     slot_positions,
+    step_together,
 )
 
 # ----------------------------------------------------------------------------- pure rules
@@ -209,6 +210,52 @@ def test_one_layer_step_equals_recompute_over_kept_tokens(model, tokens):
         torch.testing.assert_close(got, want, atol=2e-4, rtol=0)
         evicting_steps += len(kept) < n
     assert evicting_steps > 40
+
+
+def test_step_together_equals_separate_steps(model, tokens):
+    """Streams decoded together (one batched pass over the weights) are each the stream stepped
+    alone, up to the rounding of the batched products (and bit for bit one at a time). Three
+    windowed streams at different lengths evict on different steps (their caches, slots and
+    positions all differ), plus a dense one; the model is cut to four layers for speed (the
+    attention is the per-stream part, the same in every layer)."""
+    few = copy.copy(model)
+    few.layers = model.layers[:4]
+    few.num_layers = 4
+    sink, window, bs, steps = 4, 32, 16, 60
+    # Windowed: before a step at n >= 64 with n % 16 == 0 a page is freed, so from n = 40, 53, 70
+    # the streams evict at steps 24/40/56, 11/27/43/59 and 0/10/26/42/58 (the 70-token prefill
+    # ran at n = 0 and evicted nothing; page 1 goes before the first decode step, at n = 70).
+    prefills = [40, 53, 70, 12]
+    alone = [
+        StreamingReference(few, sink_tokens=sink, window_tokens=window, block_size=bs)
+        for _ in range(3)
+    ]
+    alone.append(StreamingReference(few, sink_tokens=None, window_tokens=None))
+    texts = [tokens[300 * b : 300 * b + prefills[b] + steps + 1] for b in range(len(alone))]
+    for ref, text, length in zip(alone, texts, prefills, strict=True):
+        ref.step(text[:length])
+    together = [ref.fork() for ref in alone]
+    evicted_at: list[set[int]] = [set() for _ in alone]
+    for j in range(steps):
+        ids = [text[length + j] for text, length in zip(texts, prefills, strict=True)]
+        before = [ref.cached_token_count() for ref in together]
+        got = step_together(together, ids)
+        assert got.shape == (len(alone), few.vocab_size) and got.dtype == torch.float32
+        for b, (ref, twin) in enumerate(zip(alone, together, strict=True)):
+            want = ref.step([ids[b]])
+            # Matrix products over B rows round differently from one row's (float32: measured
+            # < 4e-6 of |log-prob| here, < 1e-5 at the argmax on the full model); a stream
+            # batched with the wrong cache or positions is off by more than 1e-2.
+            torch.testing.assert_close(got[b : b + 1], want, atol=1e-5, rtol=2e-5)
+            assert twin.n == ref.n == prefills[b] + j + 1
+            assert twin.cached_token_count() == ref.cached_token_count()
+            if twin.cached_token_count() <= before[b]:
+                evicted_at[b].add(j)
+    assert evicted_at == [{24, 40, 56}, {11, 27, 43, 59}, {0, 10, 26, 42, 58}, set()], evicted_at
+    # One stream alone through step_together, from the same state: step's products, bit for bit.
+    for ref, text, length in zip(alone, texts, prefills, strict=True):
+        twin, t = ref.fork(), text[length + steps]
+        assert torch.equal(step_together([twin], [t]), ref.step([t]))
 
 
 def test_sink_deviates_from_dense_only_after_eviction(model, tokens):

@@ -15,7 +15,7 @@ import math
 import numpy as np
 import pytest
 
-from conversation_utils import greedy_result, reference_stream, reference_turn
+from conversation_utils import greedy_result, reference_stream, reference_turn, reference_turns
 from engine_utils import free_blocks, kv_manager, sink_llm
 
 SINK, WINDOW, MAX_LEN, BS = 4, 128, 512, 32
@@ -79,6 +79,27 @@ def _error(model_dir, llm, prompt, result, where: str) -> float:
     return float(np.max(np.abs(np.asarray(logprobs) - ref_lp)))
 
 
+def _errors(model_dir, llm, prompts, results, where: str) -> list[float]:
+    """:func:`_error` for several requests, their references' decode steps run together; the
+    message names each request as ``{where} {index}``."""
+    cap = llm.llm_engine.vllm_config.scheduler_config.long_prefill_token_threshold
+    refs, prefills = [], []
+    for prompt, (_, _, cached) in zip(prompts, results, strict=True):
+        ref = _reference(model_dir)
+        if cached:
+            ref.step(prompt[:cached])
+        refs.append(ref)
+        prefills.append(prompt[cached:])
+    turns = reference_turns(refs, prefills, [r[0] for r in results], cap)
+    errors = []
+    for i, ((outputs, logprobs, _), (choices, ref_lp, _)) in enumerate(
+        zip(results, turns, strict=True)
+    ):
+        assert list(outputs) == choices, f"{where} {i}: outputs differ from the reference's choices"
+        errors.append(float(np.max(np.abs(np.asarray(logprobs) - ref_lp))))
+    return errors
+
+
 def _worker_counts(llm) -> tuple[int, int]:
     (info,) = llm.collective_rpc("vllm_sink_worker_info")
     return info["sink_moves"], info["rebases"]
@@ -120,10 +141,7 @@ def test_concurrent_streams_share_an_opening_past_eviction_and_rebase(llm, model
     assert seen["distinct"] == seen["pool"] == seen["sum"] - 7 * shared, seen
     assert seen["max"] <= BOUND + 1, seen  # the bound, plus a decode step's page
     assert [r[2] for r in results] == [OPENING] * 8  # the opening's full pages, for each
-    errors = [
-        _error(model_dir, llm, p, r, f"request {i}")
-        for i, (p, r) in enumerate(zip(prompts, results, strict=True))
-    ]
+    errors = _errors(model_dir, llm, prompts, results, "request")
     print(f"shared opening: max error per request {[f'{e:.1e}' for e in errors]} nats")
     assert max(errors) <= TOL
     # Each copied the shared pages it still held at its first eviction; all moved and rebased.
@@ -179,8 +197,8 @@ def test_small_pool_shares_and_reclaims(small_pool_llm, model_dir, text_tokens):
     prompts = [opening + text_tokens[32_000 + 100 * i : 32_010 + 107 * i] for i in range(8)]
     results = _generate(llm, prompts, 150)
     assert any(r[2] == OPENING for r in results)
-    for i, (p, r) in enumerate(zip(prompts, results, strict=True)):
-        assert _error(model_dir, llm, p, r, f"request {i}") <= TOL
+    errors = _errors(model_dir, llm, prompts, results, "request")
+    assert max(errors) <= TOL, errors
     assert free_blocks(llm) == start_free
     pool = manager.block_pool
     assert all(b.ref_cnt == 0 for b in pool.blocks if not b.is_null)
