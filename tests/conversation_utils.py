@@ -27,17 +27,8 @@ def reference_turn(ref, prefill: Sequence[int], outputs: Sequence[int], cap: int
     The first output is predicted by the last prefill step, output ``j+1`` by the decode step
     that computes output ``j``.
     """
-    prefill = list(prefill)
-    predictions = []
-    for i in range(0, len(prefill), cap):
-        logp = ref.step(prefill[i : i + cap])
-    predictions.append(logp[-1])
-    for t in outputs[:-1]:
-        predictions.append(ref.step([t])[-1])
-    choices = [int(torch.argmax(p)) for p in predictions]
-    logprobs = np.array([float(p[t]) for p, t in zip(predictions, outputs, strict=True)])
-    margins = [float(-torch.diff(p.topk(2).values)) for p in predictions]
-    return choices, logprobs, margins
+    # One stream through the batched path: step_together on one stream is ``step``, bit for bit.
+    return reference_turns([ref], [prefill], [outputs], cap)[0]
 
 
 def reference_turns(

@@ -382,7 +382,9 @@ def test_vanilla_engine_after_a_sink_engine_in_one_process():
     """An in-process sink engine, then a vanilla one: the vanilla one runs the stock backend
     and is bit-identical to a vanilla engine in a fresh process."""
     # Side by side, one thread each: the same thread count in both, so the same bits.
-    scripts = [Script(_ONE_PROCESS.format(sink_first=first), SIDE_BY_SIDE) for first in (1, 0)]
+    scripts = [
+        Script(_ONE_PROCESS.format(sink_first=first), SIDE_BY_SIDE) for first in (True, False)
+    ]
     (after, _), (fresh, _) = (script.result() for script in scripts)
     assert after["impls"] == fresh["impls"] == ["CPUAttentionBackendImpl"]
     assert after["tokens"] == fresh["tokens"]

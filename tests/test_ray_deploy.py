@@ -849,17 +849,20 @@ class Chats:
             for c in range(CONVERSATIONS):
                 self.turn(c)
 
-    def replica_of(self, cluster: Cluster, replicas: list[dict], c: int, k: int) -> str:
-        """The id of the replica that served turn ``k`` of conversation ``c``: the one whose
-        Serve log has the turn's request id (polled: a log line may land after the reply)."""
-        rid = self.request_id(c, k)
+    def holders(self, cluster: Cluster, replicas: list[dict], k: int) -> dict[int, str]:
+        """Conversation -> the id of the replica that served its turn ``k``: the one whose Serve
+        log has the turn's request id (polled: a log line may land after the reply)."""
         deadline = time.monotonic() + 60
         while True:
-            found = [r["id"] for r in replicas if rid in cluster.replica_log(r)]
-            if found:
-                assert len(found) == 1, (rid, found)
-                return found[0]
-            assert time.monotonic() < deadline, f"{rid}: in no log\n{cluster.diagnostics()}"
+            logs = {r["id"]: cluster.replica_log(r) for r in replicas}
+            found = {
+                c: [rid for rid, log in logs.items() if self.request_id(c, k) in log]
+                for c in range(CONVERSATIONS)
+            }
+            if all(found.values()):
+                assert all(len(ids) == 1 for ids in found.values()), found
+                return {c: ids[0] for c, ids in found.items()}
+            assert time.monotonic() < deadline, f"{found}\n{cluster.diagnostics()}"
             time.sleep(2)
 
     def totals(self, turns: range) -> tuple[int, int, int, int]:
@@ -903,7 +906,7 @@ def _conversations(cluster: Cluster, client, replicas: list[dict]) -> str:
     # the survivor, and resume after; the survivor's resume throughout. Which replica holds which
     # conversation is read from the replicas' logs; the victim is the second node's replica when
     # it holds any (then both hold some), else the one holding them all.
-    held = {c: chats.replica_of(cluster, replicas, c, TURNS - 1) for c in range(CONVERSATIONS)}
+    held = chats.holders(cluster, replicas, TURNS - 1)
     worker = next(r for r in replicas if r["ip"] == WORKER_IP)
     victim = worker if worker["id"] in held.values() else next(
         r for r in replicas if r["id"] in held.values()

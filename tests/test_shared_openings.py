@@ -15,7 +15,7 @@ import math
 import numpy as np
 import pytest
 
-from conversation_utils import greedy_result, reference_stream, reference_turn, reference_turns
+from conversation_utils import greedy_result, reference_stream, reference_turns
 from engine_utils import free_blocks, kv_manager, sink_llm
 
 SINK, WINDOW, MAX_LEN, BS = 4, 128, 512, 32
@@ -69,14 +69,8 @@ def _step_all(llm, prompts, answer, on_step):
 def _error(model_dir, llm, prompt, result, where: str) -> float:
     """The request's outputs are the reference's greedy choices; returns the largest log-prob
     error (nats). The reference computes the cached tokens as one step, then the same steps."""
-    outputs, logprobs, cached = result
-    cap = llm.llm_engine.vllm_config.scheduler_config.long_prefill_token_threshold
-    ref = _reference(model_dir)
-    if cached:
-        ref.step(prompt[:cached])
-    choices, ref_lp, _ = reference_turn(ref, prompt[cached:], outputs, cap)
-    assert list(outputs) == choices, f"{where}: outputs differ from the reference's choices"
-    return float(np.max(np.abs(np.asarray(logprobs) - ref_lp)))
+    (error,) = _errors(model_dir, llm, [prompt], [result], where)
+    return error
 
 
 def _errors(model_dir, llm, prompts, results, where: str) -> list[float]:

@@ -84,11 +84,11 @@ out = {"tokens": list(o.outputs[0].token_ids),
 print("RESULT " + json.dumps(out), flush=True)
 """
     # Side by side, one thread each: the same thread count in both, so the same bits.
-    on, off = (
+    scripts = [
         Script(code, {"MODEL": str(model_dir), "VLLM_SINK_TRITON_ON_CPU": flag, **SIDE_BY_SIDE})
         for flag in ("1", "0")
-    )
-    (on, _), (off, _) = on.result(), off.result()
+    ]
+    (on, _), (off, _) = (script.result() for script in scripts)
     assert on["backends"] == ["CPUAttentionBackend"]
     assert on["triton_placeholder"] == "TritonPlaceholder"
     assert on["tokens"] == off["tokens"] and on["logprobs"] == off["logprobs"]
