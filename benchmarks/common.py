@@ -451,6 +451,12 @@ def add_engine_args(parser: Any, name: str) -> None:
         default=None,
         help="enforce_eager (default: vLLM's compiled mode in the full run, eager in --quick)",
     )
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        help="the engines' dtype (default bfloat16, as the model ships; --quick on a CPU "
+        "without native bf16: float32)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / name)
 
 
@@ -464,6 +470,12 @@ def finish_engine_args(args: Any) -> Any:
         # The suite's quick run stays eager: a cold compile of the embedded model costs about
         # 45 s per engine on 2 cores (Inductor caches it for later starts: ~16 s).
         args.eager = args.quick
+    if args.dtype is None:
+        # Without native bf16 (AVX2 only) vLLM's CPU kernels emulate it: a bf16 prefill runs
+        # ~55 tokens/s against float32's ~250, and a 64-stream decode step takes 5x float32's.
+        # The quick run checks the scripts, not bf16, and must fit the suite on such a CPU.
+        native = _cpu_bf16() != "no native bf16"
+        args.dtype = "float32" if args.quick and not native else "bfloat16"
     return args
 
 
@@ -474,6 +486,7 @@ def engine_configs(args: Any, max_num_seqs: int = 64) -> tuple[EngineConfig, Eng
         "kv_space_gib": args.kv_space,
         "max_num_seqs": max_num_seqs,
         "eager": args.eager,
+        "dtype": args.dtype,
     }
     plugin = EngineConfig(window_tokens=args.window, sink_tokens=args.sinks, **common)
     return plugin, EngineConfig(**common)

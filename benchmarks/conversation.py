@@ -73,15 +73,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--chunk", type=int, default=None, help="user tokens per turn")
     parser.add_argument("--answer", type=int, default=None, help="generated tokens per turn")
     parser.add_argument("--start", type=int, default=2000, help="first text token of the chat")
-    # float32 in the full run: with vLLM's CPU backend on 2 AVX2 cores a bf16 prefill costs ~13 ms
-    # a token (about a decode step), so re-prefilling 50 growing histories in bf16 takes ~40 min.
-    parser.add_argument("--dtype", default=None, help="engine dtype (full run: float32)")
     args = parser.parse_args(argv)
     if args.quick:
         # The suite's quick plugin engine (window 32, max_model_len 256) is the re-prefill one.
         defaults = {"turns": 6, "chunk": 64, "answer": 16}
     else:
-        # max_model_len 2048: vanilla gets 14 turns of the 50 (history 7,000 tokens).
+        # max_model_len 2048: vanilla gets 14 turns of the 50 (history 7,000 tokens). float32:
+        # with vLLM's CPU backend on 2 AVX2 cores a bf16 prefill costs ~13 ms a token (about a
+        # decode step), so re-prefilling 50 growing histories in bf16 takes ~40 min.
         defaults = {
             "turns": 50,
             "chunk": 100,
@@ -99,9 +98,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def engines(args: argparse.Namespace) -> dict[str, EngineConfig]:
     """The three engines: the plugin with and without prefix caching, vanilla with it."""
     reprefill, vanilla = engine_configs(args)
-    if args.dtype:
-        reprefill = dataclasses.replace(reprefill, dtype=args.dtype)
-        vanilla = dataclasses.replace(vanilla, dtype=args.dtype)
     return {
         "plugin_resuming": dataclasses.replace(reprefill, prefix_caching=True),
         "plugin_reprefill": reprefill,

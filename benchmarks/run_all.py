@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/run_all.py --quick --out-root /tmp/bench   # tiny sizes
     .venv/bin/python benchmarks/run_all.py --full                          # README
 
-Quick: ~6 min on 2 cores (the conversation benchmark 75 s of it; host_memory ~1 min). Full: 46
+Quick: ~6 min on 2 cores (the conversation benchmark 75 s of it; host_memory ~1 min); its engines
+run float32 on a CPU without native bf16 (emulated bf16 made it ~9.5 min there). Full: 46
 min on 2 cores of a Xeon with AMX bf16 (2026-12-03): overhead 27 of them (8 fresh process sets
 per mode), serving 6.5, conversation ~6, host_memory 3; on a CPU without native bf16 the prefills
 make it several times longer.

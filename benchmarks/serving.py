@@ -112,7 +112,7 @@ class Server:
         cmd = [VLLM, "serve", str(default_model_dir()), "--served-model-name", SERVED,
                "--host", "127.0.0.1", "--port", str(self.port),
                "--max-model-len", str(args.max_model_len), "--block-size", "32",
-               *(["--enforce-eager"] if eager else []),
+               "--dtype", args.dtype, *(["--enforce-eager"] if eager else []),
                "--no-enable-prefix-caching", "--seed", "0", *extra]  # fmt: skip
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": f"{args.kv_space:g}",
                "VLLM_NO_USAGE_STATS": "1", "TOKENIZERS_PARALLELISM": "false",

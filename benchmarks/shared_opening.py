@@ -65,7 +65,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--opening", type=int, default=None, help="shared opening tokens")
     parser.add_argument("--question", type=int, default=None, help="tokens of each question")
     parser.add_argument("--answer", type=int, default=None, help="generated tokens a request")
-    parser.add_argument("--dtype", default=None, help="engine dtype (full run: float32)")
     parser.add_argument("--start", type=int, default=3000, help="first text token used")
     args = parser.parse_args(argv)
     if args.quick:
@@ -90,12 +89,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def engines(args: argparse.Namespace) -> dict[str, EngineConfig]:
     plugin, vanilla = engine_configs(args)
-    both = {"prefix_caching": True}
-    if args.dtype:
-        both["dtype"] = args.dtype
     return {
-        "plugin": dataclasses.replace(plugin, **both),
-        "vanilla": dataclasses.replace(vanilla, **both),
+        "plugin": dataclasses.replace(plugin, prefix_caching=True),
+        "vanilla": dataclasses.replace(vanilla, prefix_caching=True),
     }
 
 

@@ -46,8 +46,10 @@ def _mode(settings: dict[str, Any]) -> str:
 def _machine(d: dict[str, Any]) -> str:
     m = d["machine"]
     bf16 = m.get("cpu_bf16", "bf16 support not recorded")
+    dtype = d["settings"].get("dtype")  # recorded by every engine benchmark since 2026-12-04
     return (
         f"_{m['cpu_model']} ({bf16}), {m['cpus_usable']} cores, {_mode(d['settings'])}, "
+        f"{dtype + ', ' if dtype else ''}"
         f"torch {m['torch']}, vLLM {m['vllm']}, "
         f"commit {str(m['git_commit'])[:10]}{' (dirty)' if m['git_dirty'] else ''}, "
         f"{m['started_utc']}_"

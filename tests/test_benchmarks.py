@@ -46,9 +46,9 @@ PAGE = 32  # the benchmarks' KV block size
 
 # The quick suite starts four engines and two servers, plus the long perplexity run's three
 # engines (``long_ppl --quick``: 5,000 tokens, 8 targets) and host_memory's own server with its
-# 8 x 2,000 streamed tokens: 5 to 6.5 minutes on 2 Xeon cores, about 10 on 2 AVX2 cores without
-# native bf16 (622 s measured, long_ppl 157 s of it at 10,000 tokens). The timeout only catches a
-# hang.
+# 8 x 2,000 streamed tokens: 5 to 6.5 minutes on 2 Xeon cores; on 2 AVX2 cores without native
+# bf16, where the quick engines run float32 (``common.finish_engine_args``), 349 s measured
+# (565 s in bf16). The timeout only catches a hang.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3000)]
 
 
