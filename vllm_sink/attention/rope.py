@@ -103,7 +103,7 @@ class SinkRotator:
         if step.moves_capture:
             k = torch.cat([self.bank.entries[m.key][0][self.index] for m in step.moves])
             v = torch.cat([self.bank.entries[m.key][1][self.index] for m in step.moves])
-            return self._rotate(k, *step.move_angles(self.cos_sin)), v
+            return self._rotate(k, *step.move_angles(self.cos_sin, k.shape[-2])), v
         done = step.moved_sinks.get(id(self.bank))
         if done is None:
             pairs = [self.bank.entries[m.key] for m in step.moves]
@@ -111,7 +111,7 @@ class SinkRotator:
                 k, v = pairs[0]
             else:
                 k, v = torch.cat([p[0] for p in pairs], 1), torch.cat([p[1] for p in pairs], 1)
-            keys = self._rotate(k, *step.move_angles(self.cos_sin))
+            keys = self._rotate(k, *step.move_angles(self.cos_sin, k.shape[-2]))
             # Per layer at once (one call for all views, not two indexing ops per layer).
             layers = zip(keys.unbind(0), v.unbind(0), strict=True)
             done = step.moved_sinks[id(self.bank)] = tuple(layers)

@@ -146,13 +146,21 @@ class SinkStep:
             step.moves_capture = any(m.key in written for m in self.moves)
         return step
 
-    def move_angles(self, cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin ``[slots, 1, rotary_dim / 2]`` of each moved slot's offset, from the
-        rotator's table; gathered once per step and table (layers share a table)."""
+    def move_angles(
+        self, cos_sin: torch.Tensor, kv_heads: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin ``[slots, kv_heads, rotary_dim / 2]`` of each moved slot's offset, from
+        the rotator's table; gathered once per step and table (layers share a table).
+
+        Repeated over the heads in memory: broadcasting them over a size-1 head dimension
+        takes a slow path of torch's CPU kernels (the rotation of a 64-stream step: 258 us
+        against 114 us, measured on the embedded model's 30 layers x 64 slots x 3 heads)."""
         angles = self._move_angles.get(id(cos_sin))
         if angles is None:
-            cos, sin = cos_sin[self.move_offsets].unsqueeze(1).chunk(2, dim=-1)
-            angles = self._move_angles[id(cos_sin)] = (cos, sin)
+            table = cos_sin[self.move_offsets].unsqueeze(1)
+            table = table.expand(-1, kv_heads, -1).contiguous()
+            cos, sin = table.chunk(2, dim=-1)
+            angles = self._move_angles[id(cos_sin)] = (cos.contiguous(), sin.contiguous())
         return angles
 
 
