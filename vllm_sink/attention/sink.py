@@ -152,15 +152,15 @@ class SinkStep:
         """cos and sin ``[slots, kv_heads, rotary_dim / 2]`` of each moved slot's offset, from
         the rotator's table; gathered once per step and table (layers share a table).
 
-        Repeated over the heads in memory: broadcasting them over a size-1 head dimension
-        takes a slow path of torch's CPU kernels (the rotation of a 64-stream step: 258 us
-        against 114 us, measured on the embedded model's 30 layers x 64 slots x 3 heads)."""
+        Repeated over the heads in memory: broadcast over a size-1 head dimension they take a
+        slow path of torch's CPU kernels (rotating the moved sinks of a 64-stream step, 30
+        layers x 64 slots x 3 heads, on 2 AVX2 cores: bf16 keys 2,052 -> 232 us, float32
+        258 -> 114-157 us)."""
         angles = self._move_angles.get(id(cos_sin))
         if angles is None:
-            table = cos_sin[self.move_offsets].unsqueeze(1)
-            table = table.expand(-1, kv_heads, -1).contiguous()
-            cos, sin = table.chunk(2, dim=-1)
-            angles = self._move_angles[id(cos_sin)] = (cos.contiguous(), sin.contiguous())
+            table = cos_sin[self.move_offsets].unsqueeze(1).expand(-1, kv_heads, -1)
+            cos, sin = (half.contiguous() for half in table.chunk(2, dim=-1))
+            angles = self._move_angles[id(cos_sin)] = (cos, sin)
         return angles
 
 
