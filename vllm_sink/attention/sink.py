@@ -115,7 +115,9 @@ class SinkStep:
     # True where a moving stream also captures or loads sinks in this step (each layer must
     # then rotate after its own capture).
     moves_capture: bool = False
-    _move_angles: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    _move_angles: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict
+    )
     # Every layer's moved sinks, rotated at once by the step's first layer (per bank).
     moved_sinks: dict[int, tuple[tuple[torch.Tensor, torch.Tensor], ...]] = field(
         default_factory=dict
@@ -150,17 +152,18 @@ class SinkStep:
         self, cos_sin: torch.Tensor, kv_heads: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin ``[slots, kv_heads, rotary_dim / 2]`` of each moved slot's offset, from
-        the rotator's table; gathered once per step and table (layers share a table).
+        the rotator's table; gathered once per step, table and head count (layers share a table).
 
         Repeated over the heads in memory: broadcast over a size-1 head dimension they take a
         slow path of torch's CPU kernels (rotating the moved sinks of a 64-stream step, 30
         layers x 64 slots x 3 heads, on 2 AVX2 cores: float32 keys 260 -> 130 us, bf16 keys
         305-320 -> 175-185 us)."""
-        angles = self._move_angles.get(id(cos_sin))
+        made = (id(cos_sin), kv_heads)  # the angles' shape depends on both
+        angles = self._move_angles.get(made)
         if angles is None:
             table = cos_sin[self.move_offsets].unsqueeze(1).expand(-1, kv_heads, -1)
             cos, sin = (half.contiguous() for half in table.chunk(2, dim=-1))
-            angles = self._move_angles[id(cos_sin)] = (cos, sin)
+            angles = self._move_angles[made] = (cos, sin)
         return angles
 
 
