@@ -15,6 +15,7 @@ from __future__ import annotations
 import cProfile
 import io
 import itertools
+import os
 import pstats
 import time
 from pathlib import Path
@@ -168,6 +169,7 @@ class Worker:
             "dtype": str(config.model_config.dtype).removeprefix("torch."),
             "prefix_caching": bool(config.cache_config.enable_prefix_caching),
             "compile_mode": config.compilation_config.mode.name,  # NONE: eager
+            "thread_cpus": thread_cpus(),
         }
 
     def op_decode(
@@ -483,6 +485,23 @@ class Worker:
             "tokens_per_stream": list(produced.values()),
             "budget_pages": budget_pages,
         }
+
+
+def thread_cpus() -> dict[str, int]:
+    """How many of this process's threads may run on each CPU set (``"0"``, ``"0,1"``, ...),
+    once torch's OpenMP pool exists: shows whether the engine's threads are bound
+    (``common.engine_thread_binding``), since the kernel otherwise places them freely."""
+    import torch
+
+    torch.ones(1 << 20).sum()  # a parallel region: starts the OpenMP threads if none ran yet
+    counts: dict[str, int] = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            cpus = ",".join(map(str, sorted(os.sched_getaffinity(int(task.name)))))
+        except OSError:  # the thread ended meanwhile
+            continue
+        counts[cpus] = counts.get(cpus, 0) + 1
+    return counts
 
 
 def _slowed(step: Any, fraction: float) -> Any:

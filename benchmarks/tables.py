@@ -47,8 +47,11 @@ def _machine(d: dict[str, Any]) -> str:
     m = d["machine"]
     bf16 = m.get("cpu_bf16", "bf16 support not recorded")
     dtype = d["settings"].get("dtype")  # recorded by every engine benchmark since 2026-12-04
+    # Recorded since 2026-12-05 (common.engine_thread_binding); earlier engines ran unbound.
+    binding = m.get("engine_omp_binding")
+    bound = f"engine threads bound ({binding.get('OMP_PLACES', 'custom')}), " if binding else ""
     return (
-        f"_{m['cpu_model']} ({bf16}), {m['cpus_usable']} cores, {_mode(d['settings'])}, "
+        f"_{m['cpu_model']} ({bf16}), {m['cpus_usable']} cores, {bound}{_mode(d['settings'])}, "
         f"{dtype + ', ' if dtype else ''}"
         f"torch {m['torch']}, vLLM {m['vllm']}, "
         f"commit {str(m['git_commit'])[:10]}{' (dirty)' if m['git_dirty'] else ''}, "
@@ -534,6 +537,7 @@ def host_memory(d: dict[str, Any]) -> str:
 
 SECTIONS: dict[str, Callable[[dict[str, Any]], str]] = {
     "overhead": overhead,
+    "overhead_float32": overhead,
     "long_stream": long_stream,
     "recompute": recompute,
     "peer_llamacpp": peer,

@@ -18,6 +18,7 @@ import importlib
 import importlib.util
 import json
 import math
+import os
 import re
 import statistics
 import subprocess
@@ -195,6 +196,15 @@ def test_overhead_numbers(quick_root):
     _only_sink_differs(engines["plugin"], engines["vanilla"])
     assert all(e["eager"] for e in engines.values())
     assert all(f["compile_mode"] == "NONE" for f in per_mode["engine_facts"].values())
+    # Each engine's OpenMP threads were bound (common.engine_thread_binding): its threads run
+    # on at least two distinct sets of CPUs, each fewer than all (unbound: every thread may
+    # run on every CPU).
+    machine = data["machine"]
+    if machine["cpus_usable"] > 1 and "OMP_PLACES" not in os.environ:
+        assert machine["engine_omp_binding"] == {"OMP_PLACES": "cores", "OMP_PROC_BIND": "close"}
+        for name, facts in per_mode["engine_facts"].items():
+            bound = [s for s in facts["thread_cpus"] if len(s.split(",")) < machine["cpus_usable"]]
+            assert len(bound) >= 2, (name, facts["thread_cpus"])
     assert sorted(map(int, summary["eager"])) == a["streams"] == [1, 4]  # 16, 64: full run
     bound = _bound(a["sinks"], a["window"])
     lens = data["prompt_lens"]
