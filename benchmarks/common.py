@@ -103,8 +103,7 @@ def machine_info() -> dict[str, Any]:
         "cpu_bf16": _cpu_bf16(),
         "cpu_count": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "engine_omp_binding": engine_thread_binding()
-        or {k: os.environ[k] for k in ("OMP_PLACES", "OMP_PROC_BIND") if k in os.environ},
+        "engine_omp_binding": engine_thread_binding(),
         "mem_gib": mem_gib,
         "load_avg_at_start": [round(x, 2) for x in os.getloadavg()],
         "platform": platform.platform(),
@@ -348,8 +347,8 @@ class JsonWorker:
 
 
 def engine_thread_binding() -> dict[str, str]:
-    """OpenMP binding for an engine process: one thread per core, each pinned (unless the
-    caller's environment sets its own).
+    """OpenMP binding for an engine process: one thread per core, each pinned, or the caller's
+    own ``OMP_PLACES`` / ``OMP_PROC_BIND`` where its environment sets either.
 
     vLLM binds its CPU workers' OpenMP threads itself (``vllm/utils/ompmultiprocessing.py``:
     ``OMP_PLACES`` / ``OMP_PROC_BIND``, or ``GOMP_CPU_AFFINITY``), but only for the worker
@@ -359,9 +358,8 @@ def engine_thread_binding() -> dict[str, str]:
     plugin / vanilla estimates was 1.5-2.0 % unbound, 0.5-0.65 % bound, below what the rounds'
     own noise predicts (0.9 %); per-step times are the same either way.
     """
-    if "OMP_PLACES" in os.environ or "OMP_PROC_BIND" in os.environ:
-        return {}
-    return {"OMP_PLACES": "cores", "OMP_PROC_BIND": "close"}
+    own = {k: os.environ[k] for k in ("OMP_PLACES", "OMP_PROC_BIND") if k in os.environ}
+    return own or {"OMP_PLACES": "cores", "OMP_PROC_BIND": "close"}
 
 
 class EngineWorker(JsonWorker):

@@ -203,8 +203,8 @@ def test_overhead_numbers(quick_root):
     if machine["cpus_usable"] > 1 and "OMP_PLACES" not in os.environ:
         assert machine["engine_omp_binding"] == {"OMP_PLACES": "cores", "OMP_PROC_BIND": "close"}
         for name, facts in per_mode["engine_facts"].items():
-            bound = [s for s in facts["thread_cpus"] if len(s.split(",")) < machine["cpus_usable"]]
-            assert len(bound) >= 2, (name, facts["thread_cpus"])
+            pinned = [s for s in facts["thread_cpus"] if len(s.split(",")) < machine["cpus_usable"]]
+            assert len(pinned) >= 2, (name, facts["thread_cpus"])
     assert sorted(map(int, summary["eager"])) == a["streams"] == [1, 4]  # 16, 64: full run
     bound = _bound(a["sinks"], a["window"])
     lens = data["prompt_lens"]
