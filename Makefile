@@ -13,6 +13,7 @@ EXTRAS ?= cpu,assets,test,bench,ray
 TORCH_INDEX ?=
 PIP_INDEX_ARGS := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
 RUN_ARGS ?=
+BENCH_ARGS ?=
 PYTEST_ARGS ?=
 
 .PHONY: setup assets run test lint clean-venv
@@ -53,7 +54,7 @@ clean-venv:
 # token on this kind of machine) and runs the peer comparison.
 .PHONY: bench bench-peer
 bench: setup
-	$(BIN)/python benchmarks/run_all.py --full
+	$(BIN)/python benchmarks/run_all.py --full $(BENCH_ARGS)
 
 bench-peer: setup
 	CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" \

