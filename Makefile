@@ -48,8 +48,10 @@ lint: $(STAMP)
 clean-venv:
 	rm -rf $(VENV)
 
-# Benchmarks (benchmarks/README.md). `bench`: the full suite, 46 minutes on 2 Xeon (AMX) cores,
-# 27 of them the overhead run, ~3 more since its warm-up block (the llama.cpp peer only if llama_cpp is installed). `bench-peer`: builds llama-cpp-python from
+# Benchmarks (benchmarks/README.md). `bench`: the full suite, 71 minutes on 2 cores of an AMD
+# EPYC with AVX-512 bf16 (2026-12-05), 44 of them the overhead run (the llama.cpp peer only if
+# llama_cpp is installed); bf16 where the CPU has native bf16, else float32 (BENCH_ARGS="--dtype
+# ..." to choose; --keep-going to go on past a failure). `bench-peer`: builds llama-cpp-python from
 # source (about 16 minutes on 2 cores; the flags avoid the native build's crash at the first
 # token on this kind of machine) and runs the peer comparison.
 .PHONY: bench bench-peer

@@ -3,9 +3,10 @@
     .venv/bin/python benchmarks/run_all.py --quick --out-root /tmp/bench   # tiny sizes
     .venv/bin/python benchmarks/run_all.py --full                          # README
 
-Quick: ~6 min on 2 cores (the conversation benchmark 75 s of it; host_memory ~1 min). Full: 46
-min on 2 cores of a Xeon with AMX bf16 (2026-12-03): overhead 27 of them (8 fresh process sets
-per mode), serving 6.5, conversation ~6, host_memory 3. The engines run bf16, as the model
+Quick: ~6 min on 2 cores (the conversation benchmark 75 s of it; host_memory ~1 min). Full: 71
+min on 2 cores of an AMD EPYC with AVX-512 bf16 (2026-12-05): overhead 44 of them (a warm-up and
+8 fresh process sets per mode), conversation 8.5, serving 7, recompute 4.5, host_memory 4 (46 on
+a Xeon with AMX, 2026-12-03, before the warm-up blocks). The engines run bf16, as the model
 ships, on a CPU with native bf16, and float32 on one without (AVX2 only: vLLM's CPU kernels
 emulate bf16 there, ~5x slower; ``common.finish_engine_args``); ``--dtype`` sets it for every
 engine benchmark. (Benchmarks 7, 9 and 10 run float32 whatever the CPU: their sections say why.)

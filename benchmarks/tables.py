@@ -537,7 +537,6 @@ def host_memory(d: dict[str, Any]) -> str:
 
 SECTIONS: dict[str, Callable[[dict[str, Any]], str]] = {
     "overhead": overhead,
-    "overhead_float32": overhead,
     "long_stream": long_stream,
     "recompute": recompute,
     "peer_llamacpp": peer,
