@@ -48,10 +48,10 @@ SUITE = [
     "overhead",
     "long_ppl",
 ]
-# Run by --full only when named in --only: at full size (a million tokens through each of two
-# plugin engines, plus 2,000 re-computed 1,024-token windows) it takes hours on 2 cores.
 # Run float32 in the full run whatever --dtype says (their sections say why): not passed on.
 FIXED_DTYPE = {"conversation", "host_memory", "shared_opening"}
+# Run by --full only when named in --only: at full size (a million tokens through each of two
+# plugin engines, plus 2,000 re-computed 1,024-token windows) it takes hours on 2 cores.
 FULL_ONLY_WHEN_NAMED = {"long_ppl": "hours at full size: run_all.py --full --only long_ppl"}
 
 
@@ -101,10 +101,10 @@ def main(argv: list[str] | None = None) -> int:
             bench_argv = ["--out", str(args.out_root / name)]
             if args.quick:
                 bench_argv.append("--quick")
-            if args.dtype and name not in FIXED_DTYPE:
-                bench_argv += ["--dtype", args.dtype]
             elif name == "long_ppl":
                 bench_argv.append("--resume")  # made in parts over sittings: keep what is made
+            if args.dtype and name not in FIXED_DTYPE:
+                bench_argv += ["--dtype", args.dtype]
             t0 = time.monotonic()
             log(f"== {name}")
             try:
