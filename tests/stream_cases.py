@@ -138,6 +138,7 @@ info = infos[0]
 compilation = engine.llm_engine.vllm_config.compilation_config
 result["compile_mode"] = compilation.mode.name  # NONE when eager
 result.update(backends=info["attention_backends"], moves=info["sink_moves"],
+              moves_in_one_write=info["moves_in_one_write"],
               rebases=info["rebases"], free_delta=free_blocks(engine) - start_free,
               ranks=len(infos), same_on_every_rank=all(
                   (i["sink_moves"], i["rebases"]) == (info["sink_moves"], info["rebases"])
@@ -174,6 +175,8 @@ def assert_parity(case: dict, result: dict) -> None:
     # Past max_model_len, with sinks moved and positions rebased.
     assert case["prompt"] > case["max_len"]
     assert result["moves"] > 0 and result["rebases"] > 0
+    # vLLM's layout stacks the layers' caches: a step's moves are one write for all layers.
+    assert result["moves_in_one_write"] is True
     if case.get("batch"):
         assert result["preempted"] and result["swapped_in"] == 1
     if case.get("shared"):

@@ -3,7 +3,9 @@
 Moving a stream's sinks re-rotates its pristine keys by the tokens evicted so far, for every
 layer of the bank at once; the engine tests check the end result against the reference, this
 checks the rotation itself for each pairing style and partial rotary, and the bank's bookkeeping
-(several streams per step, the per-layer fallback where a moving stream also captures).
+(several streams per step, the per-layer fallback where a moving stream also captures). The
+write of every layer's moved sinks in one call is checked against per-layer writes on the real
+CPU kernel in ``test_stacked_cache``.
 """
 
 from __future__ import annotations
@@ -58,10 +60,11 @@ def test_moves_rotate_every_layer_by_each_streams_offset(neox: bool, rotary_dim:
         step = SinkStep(moves=[SinkMove(s, slots, offsets[s]) for s in moving]).to(
             torch.device("cpu")
         )
+        all_k, all_v = layers[0].moved_all(step)  # every layer's at once
         for per_layer in (False, True):
-            step.moves_capture = per_layer  # the fallback: each layer turns its own
             for i, layer in enumerate(layers):
-                got_k, got_v = layer.moved(step)
+                # The fallback (a moving stream also captures): each layer turns its own.
+                got_k, got_v = layer.moved(step) if per_layer else (all_k[i], all_v[i])
                 want_k = torch.cat(
                     [expected(keys[s][i], offsets[s], rotary_dim, neox) for s in moving]
                 )

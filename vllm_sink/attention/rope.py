@@ -18,16 +18,18 @@ if TYPE_CHECKING:
 
 
 class SinkBank:
-    """The pristine sink keys/values of every stream, for the layers that share one rotary
-    table: one tensor per stream, ``[layers, sink_len, kv_heads, head]``, so that the sink moves
-    of a step rotate every layer's sinks at once (the cost of a move is then one cache write per
-    layer, not a rotation per layer). Entries are keyed by the request's first sink page, unique
-    among live requests; a new owner of that page replaces the entry when it writes (or loads)
-    its own sink tokens.
+    """The pristine sink keys/values of every stream, for the layers that share one rotary table:
+    one tensor per stream, ``[layers, sink_len, kv_heads, head]``, so that the sink moves of a step
+    rotate every layer's sinks at once, and write them in one call of the kernel's writer
+    (:meth:`~vllm_sink.attention.sink.SinkAttentionImpl.write_moved_sinks`). Entries are keyed by
+    the request's first sink page, unique among live requests; a new owner of that page replaces the
+    entry when it writes (or loads) its own sink tokens.
     """
 
     def __init__(self) -> None:
-        self.layers = 0  # members, counted as rotators are bound to it
+        # The attention layers whose rotators share the bank, in row order (None where a
+        # rotator has no layer, as in unit tests): one write puts all their moved sinks.
+        self.members: list = []
         self.entries: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._step: object = None
         self._fresh: set[int] = set()  # keys (re)allocated in ``_step``
@@ -40,7 +42,7 @@ class SinkBank:
         if step is not self._step:
             self._step, self._fresh = step, set()
         if key not in self.entries or (reset and key not in self._fresh):
-            full = (self.layers, *shape)
+            full = (len(self.members), *shape)
             self.entries[key] = (like.new_zeros(full), like.new_zeros(full))
             self._fresh.add(key)
         return self.entries[key]
@@ -63,14 +65,15 @@ class SinkRotator:
         is_neox: bool,
         cos_sin: torch.Tensor,
         bank: SinkBank | None = None,
+        layer: torch.nn.Module | None = None,
     ):
         self.head_size = head_size
         self.rotary_dim = rotary_dim
         self.is_neox = is_neox
         self.cos_sin = cos_sin  # float32 [max_position, rotary_dim]
         self.bank = bank if bank is not None else SinkBank()
-        self.index = self.bank.layers  # this layer's row in the bank's tensors
-        self.bank.layers += 1
+        self.index = len(self.bank.members)  # this layer's row in the bank's tensors
+        self.bank.members.append(layer)
 
     @property
     def pristine(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
@@ -97,25 +100,22 @@ class SinkRotator:
 
     def moved(self, step: SinkStep) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's sink keys of every move of ``step``, each rotated to its move's offset,
-        and their values, for ``step.move_slots``. The first layer rotates every layer's at
-        once; the rest take their rows. Where a moving stream also writes (or loads) sinks in
-        this step, each layer rotates its own, after its capture."""
-        if step.moves_capture:
-            k = torch.cat([self.bank.entries[m.key][0][self.index] for m in step.moves])
-            v = torch.cat([self.bank.entries[m.key][1][self.index] for m in step.moves])
-            return self._rotate(k, *step.move_angles(self.cos_sin, k.shape[-2])), v
-        done = step.moved_sinks.get(id(self.bank))
-        if done is None:
-            pairs = [self.bank.entries[m.key] for m in step.moves]
-            if len(pairs) == 1:
-                k, v = pairs[0]
-            else:
-                k, v = torch.cat([p[0] for p in pairs], 1), torch.cat([p[1] for p in pairs], 1)
-            keys = self._rotate(k, *step.move_angles(self.cos_sin, k.shape[-2]))
-            # Per layer at once (one call for all views, not two indexing ops per layer).
-            layers = zip(keys.unbind(0), v.unbind(0), strict=True)
-            done = step.moved_sinks[id(self.bank)] = tuple(layers)
-        return done[self.index]
+        and their values, for ``step.move_slots``: the fallback where a moving stream also
+        writes (or loads) sinks in this step, so each layer rotates its own, after its
+        capture."""
+        k = torch.cat([self.bank.entries[m.key][0][self.index] for m in step.moves])
+        v = torch.cat([self.bank.entries[m.key][1][self.index] for m in step.moves])
+        return self._rotate(k, *step.move_angles(self.cos_sin, k.shape[-2])), v
+
+    def moved_all(self, step: SinkStep) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every layer's (of the bank) sink keys of every move of ``step``, rotated at once,
+        and their values: ``[layers, len(step.move_slots), kv_heads, head]``."""
+        pairs = [self.bank.entries[m.key] for m in step.moves]
+        if len(pairs) == 1:
+            k, v = pairs[0]
+        else:
+            k, v = torch.cat([p[0] for p in pairs], 1), torch.cat([p[1] for p in pairs], 1)
+        return self._rotate(k, *step.move_angles(self.cos_sin, k.shape[-2])), v
 
     def rotate(self, keys: torch.Tensor, offset: int) -> torch.Tensor:
         """Rotate every key (last dim ``head_size``) by ``offset`` positions."""
@@ -263,7 +263,7 @@ def bind_model_ropes(model: torch.nn.Module) -> int:
         module.rotary_emb, shared, bank = copies[id(rope)]
         # Each layer has its row in the bank of the layers sharing its table.
         impl.rotator = SinkRotator(
-            shared.head_size, shared.rotary_dim, shared.is_neox, shared.cos_sin, bank
+            shared.head_size, shared.rotary_dim, shared.is_neox, shared.cos_sin, bank, module.attn
         )
         bound += 1
     if unbound or not bound:

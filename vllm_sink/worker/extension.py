@@ -34,6 +34,7 @@ class SinkWorkerExtension:
             }
         )
         tracker = getattr(runner, "_vllm_sink_tracker", None)
+        stacks = [getattr(i, "_vllm_sink_stack", None) for i in model_runner.sink_impls(runner)]
         return {
             "pid": os.getpid(),
             "plugin_registered": plugin.is_registered(),
@@ -41,6 +42,11 @@ class SinkWorkerExtension:
             # Since start: sink moves and window rebases applied (what tests check happened).
             "sink_moves": tracker.num_sink_moves if tracker else 0,
             "rebases": tracker.num_rebases if tracker else 0,
+            # Whether the moves so far wrote every layer's sinks in one call (caches stacked;
+            # None before the first move).
+            "moves_in_one_write": any(s[1] is not None for s in stacks if s)
+            if any(stacks)
+            else None,
         }
 
     def vllm_sink_streams(self) -> dict[str, dict[str, int]]:
