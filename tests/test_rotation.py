@@ -60,7 +60,7 @@ def test_moves_rotate_every_layer_by_each_streams_offset(neox: bool, rotary_dim:
         step = SinkStep(moves=[SinkMove(s, slots, offsets[s]) for s in moving]).to(
             torch.device("cpu")
         )
-        all_k, all_v = layers[0].moved_all(step)  # every layer's at once
+        all_k, all_v = layers[0].moved(step, every_layer=True)
         for per_layer in (False, True):
             for i, layer in enumerate(layers):
                 # The fallback (a moving stream also captures): each layer turns its own.

@@ -98,23 +98,20 @@ class SinkRotator:
         k, v = self.bank.entry(step, key, (sink_len, *keys.shape[1:]), keys, reset=True)
         k[self.index, : len(keys)], v[self.index, : len(values)] = keys, values
 
-    def moved(self, step: SinkStep) -> tuple[torch.Tensor, torch.Tensor]:
-        """This layer's sink keys of every move of ``step``, each rotated to its move's offset,
-        and their values, for ``step.move_slots``: the fallback where a moving stream also
-        writes (or loads) sinks in this step, so each layer rotates its own, after its
-        capture."""
-        k = torch.cat([self.bank.entries[m.key][0][self.index] for m in step.moves])
-        v = torch.cat([self.bank.entries[m.key][1][self.index] for m in step.moves])
-        return self._rotate(k, *step.move_angles(self.cos_sin, k.shape[-2])), v
-
-    def moved_all(self, step: SinkStep) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every layer's (of the bank) sink keys of every move of ``step``, rotated at once,
-        and their values: ``[layers, len(step.move_slots), kv_heads, head]``."""
+    def moved(self, step: SinkStep, every_layer: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sink keys of every move of ``step``, each rotated to its move's offset, and their
+        values, for ``step.move_slots``: this layer's, ``[slots, kv_heads, head]``, or with
+        ``every_layer`` every layer's of the bank, rotated at once, ``[layers, slots, kv_heads,
+        head]`` (written in one call: ``SinkAttentionImpl.write_moved_sinks``). Where a moving
+        stream also writes (or loads) sinks in this step, each layer rotates its own, after
+        its capture."""
+        rows = slice(None) if every_layer else self.index
         pairs = [self.bank.entries[m.key] for m in step.moves]
         if len(pairs) == 1:
-            k, v = pairs[0]
-        else:
-            k, v = torch.cat([p[0] for p in pairs], 1), torch.cat([p[1] for p in pairs], 1)
+            k, v = pairs[0][0][rows], pairs[0][1][rows]
+        else:  # the sink tokens' dimension: -3 with or without the layers'
+            k = torch.cat([p[0][rows] for p in pairs], -3)
+            v = torch.cat([p[1][rows] for p in pairs], -3)
         return self._rotate(k, *step.move_angles(self.cos_sin, k.shape[-2])), v
 
     def rotate(self, keys: torch.Tensor, offset: int) -> torch.Tensor:

@@ -239,7 +239,7 @@ class SinkAttentionImpl:
         costs ~20 us whatever it writes (2 Zen 4 cores: 30 layers x one 32-token page, 700 us
         a layer at a time, 54 us at once). Each layer's own call where the caches do not
         stack."""
-        keys, values = self.rotator.moved_all(step)
+        keys, values = self.rotator.moved(step, every_layer=True)
         layers = self.rotator.bank.members
         caches = [layer.kv_cache for layer in layers]
         found = getattr(self, "_vllm_sink_stack", None)
@@ -279,8 +279,7 @@ def stacked_cache(
     """
     first = caches[0]
     if any(
-        not isinstance(c, torch.Tensor)
-        or c.shape != first.shape
+        c.shape != first.shape
         or c.stride() != first.stride()
         or c.dtype != first.dtype
         or c.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()

@@ -34,7 +34,9 @@ class SinkWorkerExtension:
             }
         )
         tracker = getattr(runner, "_vllm_sink_tracker", None)
+        # The impls that wrote a step's moves (one per bank): did their caches stack?
         stacks = [getattr(i, "_vllm_sink_stack", None) for i in model_runner.sink_impls(runner)]
+        stacked = [stack[1] is not None for stack in stacks if stack is not None]
         return {
             "pid": os.getpid(),
             "plugin_registered": plugin.is_registered(),
@@ -42,11 +44,9 @@ class SinkWorkerExtension:
             # Since start: sink moves and window rebases applied (what tests check happened).
             "sink_moves": tracker.num_sink_moves if tracker else 0,
             "rebases": tracker.num_rebases if tracker else 0,
-            # Whether the moves so far wrote every layer's sinks in one call (caches stacked;
-            # None before the first move).
-            "moves_in_one_write": any(s[1] is not None for s in stacks if s)
-            if any(stacks)
-            else None,
+            # Whether the moves so far wrote every layer's sinks in one call (None before the
+            # first move).
+            "moves_in_one_write": all(stacked) if stacked else None,
         }
 
     def vllm_sink_streams(self) -> dict[str, dict[str, int]]:
