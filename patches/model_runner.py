@@ -79,6 +79,7 @@ def apply() -> None:
 
     from vllm_sink.attention import kernels
     from vllm_sink.attention.rope import bind_model_ropes
+    from vllm_sink.attention.sink import route_layers
 
     logger = init_logger("vllm.vllm_sink")
     original_loads = {cls: cls.load_model for cls in (GPUModelRunner, CPUModelRunner)}
@@ -97,6 +98,15 @@ def apply() -> None:
             tracker = StreamTracker(runner)
             runner._vllm_sink_tracker = tracker
         return tracker
+
+    def layers_of(runner, tracker: StreamTracker) -> tuple[list, list]:
+        """The runner's metadata builders and sink impls, found once per set of attention
+        groups (a per-step walk of every layer costs more than the step's own sink work)."""
+        groups = runner.attn_groups
+        if tracker.layers is None or tracker.layers[0] is not groups:
+            tracker.layers = (groups, metadata_builders(runner), sink_impls(runner))
+            tracker.routed = None
+        return tracker.layers[1], tracker.layers[2]
 
     def load_model_of(cls):
         original_load = original_loads[cls]
@@ -127,7 +137,7 @@ def apply() -> None:
             return original_update(self, scheduler_output)
         before_update(tracker, self, scheduler_output)
         if tracker.copied or tracker.released or tracker.renamed:
-            tracker.settle_sink_state(sink_impls(self))
+            tracker.settle_sink_state(layers_of(self, tracker)[1])
         return original_update(self, scheduler_output)
 
     @functools.wraps(original_prepare)
@@ -136,27 +146,40 @@ def apply() -> None:
         if tracker is None:
             return original_prepare(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
         offsets, step = plan_step(tracker, self, num_scheduled_tokens)
-        for builder in metadata_builders(self):
+        builders, impls = layers_of(self, tracker)
+        for builder in builders:
             if builder.sink_step is not None:
                 raise RuntimeError(
                     f"vllm_sink: {type(builder).__name__} did not use the previous step's work"
                 )
             builder.sink_step = step
+        work = bool(step)
+        if tracker.routed != work:
+            route_layers(impls, work)
+            tracker.routed = work
+        tracker.steps_routed[work] += 1
         result = original_prepare(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
         if any(offsets):
             # Slot mapping is already computed from the compact positions; the model reads
             # these buffers afterwards.
             per_token = np.repeat(np.asarray(offsets, dtype=np.int64), num_scheduled_tokens)
             total = len(per_token)
-            self.positions[:total] += torch.from_numpy(per_token).to(
-                self.positions.device, non_blocking=True
-            )
+            if self.positions.device.type == "cpu":
+                self.positions.numpy()[:total] += per_token  # a third of torch's op overhead
+            else:
+                self.positions[:total] += torch.from_numpy(per_token).to(
+                    self.positions.device, non_blocking=True
+                )
         # Seeded rows whose sampled token this step discards (a partial prefill): vLLM rewinds
         # their generator by offset afterwards, which a CPU generator cannot do (it raises and
         # the engine dies). Keep their state now, restore it instead (_bookkeeping_sync).
         gens = self.input_batch.generators
-        rows = np.nonzero(self.discard_request_mask.np[: self.input_batch.num_reqs])[0]
-        self._vllm_sink_rewind = {int(i): gens[int(i)].get_state() for i in rows if int(i) in gens}
+        if gens:
+            rows = np.nonzero(self.discard_request_mask.np[: self.input_batch.num_reqs])[0]
+            saved = {int(i): gens[int(i)].get_state() for i in rows if int(i) in gens}
+            self._vllm_sink_rewind = saved
+        else:
+            self._vllm_sink_rewind = None
         return result
 
     @functools.wraps(original_bookkeeping)

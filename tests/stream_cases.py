@@ -139,6 +139,7 @@ compilation = engine.llm_engine.vllm_config.compilation_config
 result["compile_mode"] = compilation.mode.name  # NONE when eager
 result.update(backends=info["attention_backends"], moves=info["sink_moves"],
               moves_in_one_write=info["moves_in_one_write"],
+              steps_direct=info["steps_direct"], steps_wrapped=info["steps_wrapped"],
               rebases=info["rebases"], free_delta=free_blocks(engine) - start_free,
               ranks=len(infos), same_on_every_rank=all(
                   (i["sink_moves"], i["rebases"]) == (info["sink_moves"], info["rebases"])
@@ -177,6 +178,8 @@ def assert_parity(case: dict, result: dict) -> None:
     assert result["moves"] > 0 and result["rebases"] > 0
     # vLLM's layout stacks the layers' caches: a step's moves are one write for all layers.
     assert result["moves_in_one_write"] is True
+    # Steps without sink work skipped the wrapper, the others ran it: parity holds for both.
+    assert result["steps_direct"] > 0 and result["steps_wrapped"] > 0
     if case.get("batch"):
         assert result["preempted"] and result["swapped_in"] == 1
     if case.get("shared"):

@@ -209,6 +209,9 @@ class SinkAttentionImpl:
         capture_layout()  # the settings of the engine whose model is being built
         # The model's own rotary embedding, bound once the model is built (bind_model_ropes).
         self.rotator = None
+        # The kernel's own forward, which layers run directly in steps without sink work
+        # (:func:`route_layers`).
+        self.kernel_forward = super().forward
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kw):
         step = getattr(attn_metadata, "sink_step", None)
@@ -262,6 +265,22 @@ class SinkAttentionImpl:
     def write_kv(self, layer, kv_cache, slots, keys, values) -> None:
         """Write K/V ``[tokens, kv_heads, head]`` at ``slots`` with the kernel's own writer."""
         raise NotImplementedError
+
+
+def route_layers(impls: list, sink_work: bool) -> None:
+    """Send this step's attention calls through the sink wrapper only if the step has sink work
+    (captures, moves, loads or rebases); otherwise each layer calls its kernel's own forward,
+    bound on the impl (an instance attribute shadows the class's ``forward``).
+
+    Most steps have none (a stream moves its sinks once per page it evicts), and the wrapper's
+    call costs ~1 us a layer on an idle core (more between a step's kernels, whose work evicts
+    the interpreter's from the CPU caches): 30 layers, every step. The runner routes the layers
+    before the step's metadata is built; its builder attaches the work under the same test."""
+    for impl in impls:
+        if sink_work:
+            impl.__dict__.pop("forward", None)
+        else:
+            impl.forward = impl.kernel_forward
 
 
 def stacked_cache(

@@ -47,6 +47,10 @@ class SinkWorkerExtension:
             # Whether the moves so far wrote every layer's sinks in one call (None before the
             # first move).
             "moves_in_one_write": all(stacked) if stacked else None,
+            # Steps whose layers ran the kernel directly / through the sink wrapper (only
+            # steps with sink work need it: route_layers).
+            "steps_direct": tracker.steps_routed[0] if tracker else 0,
+            "steps_wrapped": tracker.steps_routed[1] if tracker else 0,
         }
 
     def vllm_sink_streams(self) -> dict[str, dict[str, int]]:
