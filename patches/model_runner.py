@@ -105,7 +105,6 @@ def apply() -> None:
         groups = runner.attn_groups
         if tracker.layers is None or tracker.layers[0] is not groups:
             tracker.layers = (groups, metadata_builders(runner), sink_impls(runner))
-            tracker.routed = None
         return tracker.layers[1], tracker.layers[2]
 
     def load_model_of(cls):
@@ -154,9 +153,7 @@ def apply() -> None:
                 )
             builder.sink_step = step
         work = bool(step)
-        if tracker.routed != work:
-            route_layers(impls, work)
-            tracker.routed = work
+        route_layers(impls, work)
         tracker.steps_routed[work] += 1
         result = original_prepare(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
         if any(offsets):

@@ -275,7 +275,10 @@ def route_layers(impls: list, sink_work: bool) -> None:
     Most steps have none (a stream moves its sinks once per page it evicts), and the wrapper's
     call costs ~1 us a layer on an idle core (more between a step's kernels, whose work evicts
     the interpreter's from the CPU caches): 30 layers, every step. The runner routes the layers
-    before the step's metadata is built; its builder attaches the work under the same test."""
+    before the step's metadata is built; its builder attaches the work under the same test.
+    Layers are always routed together, so the first tells where they all are."""
+    if not impls or ("forward" not in impls[0].__dict__) == sink_work:
+        return  # already routed so (most steps)
     for impl in impls:
         if sink_work:
             impl.__dict__.pop("forward", None)

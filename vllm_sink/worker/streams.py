@@ -109,10 +109,8 @@ class StreamTracker:
         # Counts since start (what the tests check happened): sink moves and window rebases.
         self.num_sink_moves = 0
         self.num_rebases = 0
-        # The runner's (attention groups, metadata builders, sink impls), found once, and
-        # whether its layers run the sink wrapper (route_layers), as the runner's patch left them.
+        # The runner's (attention groups, metadata builders, sink impls), found once.
         self.layers: tuple[list, list, list] | None = None
-        self.routed: bool | None = None
         self.steps_routed = [0, 0]  # steps whose layers ran [the kernel directly, the wrapper]
 
     def settle_sink_state(self, impls: list) -> None:
