@@ -3,28 +3,28 @@
     .venv/bin/python benchmarks/overhead.py            # full: 1/16/64 streams, both modes
     .venv/bin/python benchmarks/overhead.py --quick    # tiny: 1 and 4 streams, eager
 
-Method. The engines run side by side in their own processes, identical but for the plugin. For
-each mode (vLLM's default compiled mode, and eager) the run is ``--blocks`` blocks, each with a
-fresh set of engine processes. In a block, for each stream count each engine prefills its
+Method. The engines run side by side in their own processes, identical but for the plugin. For each
+mode (vLLM's default compiled mode, and eager) the run is ``--blocks`` blocks, each with a fresh set
+of engine processes (full: 16; with 8, the spread between process sets left two of six intervals
+near ±1.5 % in the run of ffa2b47). In a block, for each stream count each engine prefills its
 streams; then ``--rounds`` rounds each run ``--steps`` decode steps on every engine in turn, the
 order rotated every round (1 stream, whose rounds are the shortest and noisiest, gets ``--sets``
-such sets of fresh streams per block). A round's ratio is the vanilla engine's time for its
-steps over the plugin's (the tokens are the same, one per stream and step), so whatever the
-machine does on a scale longer than a round (other jobs, frequency, drift) hits both engines
-alike and cancels in it. A block's estimate is the geometric mean of its rounds' ratios; the
-estimate is the geometric mean of the blocks', and its 95 % interval is Student's t over the
-blocks' logs. The block, not the round, is the unit: two processes of the same engine can
-differ (memory placement, threads), and with fresh processes in every block that difference
-varies from block to block, so it is in the interval rather than hidden in the estimate. (The
-interval over rounds alone, ``rounds_ci95``, is kept beside it for comparison.) The engines of
-a block start in an order rotated from block to block, so whatever the first process to start
-gets (or lacks) falls on each engine in turn. Each mode first runs ``--warmup-blocks`` blocks
-(full: 1) measured the same way but left out of the estimates (kept in ``runs`` with a
-negative block index): in the clean run of 5557caa the first block of a mode, started right
-after other work, lay well outside the other seven in 7 of the 12 estimates (e.g. plugin/vanilla
-1.001 against 0.958-0.970 at 64 streams compiled, 0.941 against 0.980-1.000 at 16 eager). Compiled
-engines start in ~16 s from Inductor's cache (``common.py`` turns off vLLM's AOT cache, which
-the CPU build cannot load).
+such sets of fresh streams per block). A round's ratio is the vanilla engine's time for its steps
+over the plugin's (the tokens are the same, one per stream and step), so whatever the machine does
+on a scale longer than a round (other jobs, frequency, drift) hits both engines alike and cancels in
+it. A block's estimate is the geometric mean of its rounds' ratios; the estimate is the geometric
+mean of the blocks', and its 95 % interval is Student's t over the blocks' logs. The block, not the
+round, is the unit: two processes of the same engine can differ (memory placement, threads), and
+with fresh processes in every block that difference varies from block to block, so it is in the
+interval rather than hidden in the estimate. (The interval over rounds alone, ``rounds_ci95``, is
+kept beside it for comparison.) The engines of a block start in an order rotated from block to
+block, so whatever the first process to start gets (or lacks) falls on each engine in turn. Each
+mode first runs ``--warmup-blocks`` blocks (full: 1) measured the same way but left out of the
+estimates (kept in ``runs`` with a negative block index): in the clean run of 5557caa the first
+block of a mode, started right after other work, lay well outside the other seven in 7 of the 12
+estimates (e.g. plugin/vanilla 1.001 against 0.958-0.970 at 64 streams compiled, 0.941 against
+0.980-1.000 at 16 eager). Compiled engines start in ~16 s from Inductor's cache (``common.py`` turns
+off vLLM's AOT cache, which the CPU build cannot load).
 
 Control (``--control``, on in the full run): a copy of the vanilla engine slowed by
 ``--inject`` (1 %: after each step it sleeps 1 % of that step's time), measured in the same
@@ -120,7 +120,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.streams = [1, 4] if args.quick else [1, 16, 64]
     if args.modes is None:
         args.modes = ["eager" if args.eager else "compiled"] if args.quick else list(MODES)
-    defaults = (("rounds", 6, 32), ("blocks", 1, 8), ("steps", 2, 4), ("sets", 1, 3),
+    defaults = (("rounds", 6, 32), ("blocks", 1, 16), ("steps", 2, 4), ("sets", 1, 3),
                 ("warmup_blocks", 0, 1))  # fmt: skip
     for key, quick, full in defaults:
         if getattr(args, key) is None:
