@@ -23,8 +23,9 @@ mode first runs ``--warmup-blocks`` blocks (full: 1) measured the same way but l
 estimates (kept in ``runs`` with a negative block index): in the clean run of 5557caa the first
 block of a mode, started right after other work, lay well outside the other seven in 7 of the 12
 estimates (e.g. plugin/vanilla 1.001 against 0.958-0.970 at 64 streams compiled, 0.941 against
-0.980-1.000 at 16 eager). Compiled engines start in ~16 s from Inductor's cache (``common.py`` turns
-off vLLM's AOT cache, which the CPU build cannot load).
+0.980-1.000 at 16 eager). Compiled engines start from Inductor's cache (``common.py`` turns off
+vLLM's AOT cache, which the CPU build cannot load): ~21 s each alone, 66-87 s for a block's three
+started at once on 2 cores (eager: 28-32 s): about half of a compiled block.
 
 Control (``--control``, on in the full run): a copy of the vanilla engine slowed by
 ``--inject`` (1 %: after each step it sleeps 1 % of that step's time), measured in the same
